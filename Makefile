@@ -1,0 +1,33 @@
+# The two commands of a fresh machine: `make demo` and `make test`. Both install first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CXR := $(VENV)/bin/cxr
+
+.PHONY: install demo test test-all bench
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[cpu,dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# The main job on the embedded default: the retraining flow on synthetic data (quick profile).
+demo: install
+	$(CXR) run
+
+# Default suite (excludes tests marked slow); real-data and PostgreSQL tests run when
+# CXR_REAL_DATA / CXR_TEST_POSTGRES_URL are set and skip otherwise.
+test: install
+	GX_ANALYTICS_ENABLED=false $(PY) -m pytest $(PYTEST_ARGS)
+
+test-all: install
+	GX_ANALYTICS_ENABLED=false $(PY) -m pytest -m "" $(PYTEST_ARGS)
+
+# Benchmarks on the real images (set CXR_REAL_DATA); each prints its figures.
+bench: install
+	$(PY) benchmarks/scan.py
+	$(PY) benchmarks/input_pipeline.py
+	$(PY) benchmarks/predict_throughput.py
+	$(PY) benchmarks/train_throughput.py

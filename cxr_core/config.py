@@ -1,0 +1,199 @@
+"""Experiment configuration: shipped YAML defaults, named profiles and user overrides.
+
+Parameters (image size, split sizes, balancing, tuning budget, gate thresholds) live here;
+infrastructure (where things are stored) lives in ``cxr_core.settings``.
+"""
+
+from __future__ import annotations
+
+import copy
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cxr_core.errors import ConfigError
+
+
+class _Section(BaseModel):
+    # extra="forbid": a misspelt key is an error, not a silently ignored setting.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    image_size: int = Field(128, ge=16, le=1024)
+    val_fraction: float = Field(0.15, gt=0, lt=0.5)
+    test_fraction: float = Field(0.15, gt=0, lt=0.5)
+    min_val_images: int = Field(100, ge=0)
+    scan_workers: int = Field(0, ge=0)
+    # TensorFlow thread pools (0 = TensorFlow's default: all cores); set both lower when
+    # several tuner workers share one machine.
+    intra_op_threads: int = Field(0, ge=0)
+    inter_op_threads: int = Field(0, ge=0)
+
+
+class ValidationConfig(_Section):
+    min_width: int = Field(64, ge=1)
+    max_width: int = Field(8192, ge=1)
+    min_height: int = Field(64, ge=1)
+    max_height: int = Field(8192, ge=1)
+    min_images_per_class: int = Field(10, ge=0)
+    min_class_fraction: float = Field(0.05, ge=0, le=1)
+    max_class_fraction: float = Field(0.95, ge=0, le=1)
+    shortcut_auc_warn: float = Field(0.75, ge=0.5, le=1)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ValidationConfig:
+        if self.min_width > self.max_width or self.min_height > self.max_height:
+            raise ValueError("min image size is larger than max image size")
+        if self.min_class_fraction > self.max_class_fraction:
+            raise ValueError("min_class_fraction is larger than max_class_fraction")
+        return self
+
+
+class SynthConfig(_Section):
+    n_per_class: int = Field(120, ge=2)
+    size: int = Field(128, ge=32, le=1024)
+
+
+class AugmentConfig(_Section):
+    """Anatomically plausible transforms only: no vertical flip; horizontal flip off by
+    default because it mirrors laterality markers and the heart."""
+
+    max_rotation_deg: float = Field(10.0, ge=0, le=30)
+    max_zoom: float = Field(0.10, ge=0, le=0.5)         # scale in [1 - z, 1 + z]
+    max_shift: float = Field(0.05, ge=0, le=0.3)        # fraction of the side
+    max_brightness: float = Field(0.10, ge=0, le=0.5)   # additive, fraction of full range
+    max_contrast: float = Field(0.15, ge=0, le=0.9)     # multiplicative around the mean
+    gamma_range: tuple[float, float] = (0.8, 1.25)
+    horizontal_flip: bool = False
+
+
+class BalanceConfig(_Section):
+    strategy: Literal["offline", "online", "class_weight"] = "offline"
+    target_ratio: float = Field(1.0, gt=0, le=1)        # minority : majority after balancing
+    augment: AugmentConfig = AugmentConfig()
+
+
+class TuneConfig(_Section):
+    algorithm: Literal["hyperband", "bayesian", "random"] = "hyperband"
+    objective: str = "val_auc"
+    max_trials: int = Field(12, ge=1)
+    max_epochs: int = Field(10, ge=1)
+    executions_per_trial: int = Field(1, ge=1)
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(32, ge=1)
+    early_stopping_patience: int = Field(3, ge=0)
+    mixed_precision: bool = False
+
+
+class GateConfig(_Section):
+    min_recall: float = Field(0.95, ge=0, le=1)
+    min_accuracy: float = Field(0.90, ge=0, le=1)
+    use_lower_ci_bound: bool = False
+    regression_alpha: float = Field(0.05, gt=0, lt=1)   # McNemar vs the champion
+    min_robust_accuracy: float | None = Field(None, ge=0, le=1)  # off unless set
+    recall_target_for_threshold: float = Field(0.97, ge=0, le=1)
+
+
+class ExperimentConfig(_Section):
+    """Every parameter of one pipeline run."""
+
+    profile: str = "default"
+    seed: int = 42
+    data: DataConfig = DataConfig()
+    validation: ValidationConfig = ValidationConfig()
+    synth: SynthConfig = SynthConfig()
+    balance: BalanceConfig = BalanceConfig()
+    tune: TuneConfig = TuneConfig()
+    train: TrainConfig = TrainConfig()
+    gates: GateConfig = GateConfig()
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted-key view (``data.image_size`` -> 128), e.g. for MLflow params."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, obj: Any) -> None:
+            if isinstance(obj, dict):
+                for key, value in obj.items():
+                    walk(f"{prefix}.{key}" if prefix else key, value)
+            else:
+                out[prefix] = obj
+
+        walk("", self.model_dump())
+        return out
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Return ``base`` updated by ``override``, merging nested dicts instead of replacing them."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _read_yaml(text: str, source: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def shipped_config_text() -> str:
+    """The YAML shipped with the package (defaults and profiles)."""
+    return resources.files("cxr_core.configs").joinpath("default.yaml").read_text("utf-8")
+
+
+def available_profiles(config_file: Path | None = None) -> list[str]:
+    """Names of the shipped profiles plus any the user file defines."""
+    names = set(_read_yaml(shipped_config_text(), "shipped default.yaml").get("profiles", {}))
+    if config_file is not None:
+        names |= set(_read_yaml(Path(config_file).read_text("utf-8"), str(config_file)).get("profiles") or {})
+    return sorted(names)
+
+
+def load_config(config_file: Path | None = None, profile: str | None = None) -> ExperimentConfig:
+    """Resolve the experiment config: shipped defaults < profile < user file.
+
+    A user file may hold ``defaults:`` and ``profiles:`` like the shipped one, or plain
+    top-level sections (``tune: {max_trials: 5}``), which apply over the chosen profile.
+    """
+    shipped = _read_yaml(shipped_config_text(), "shipped default.yaml")
+    user: dict[str, Any] = {}
+    source = "shipped default.yaml"
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        user = _read_yaml(path.read_text("utf-8"), str(path))
+        source = str(path)
+
+    profiles = deep_merge(shipped.get("profiles") or {}, user.get("profiles") or {})
+    resolved = deep_merge(shipped.get("defaults") or {}, user.get("defaults") or {})
+    if profile is not None:
+        if profile not in profiles:
+            raise ConfigError(
+                f"unknown profile {profile!r}; available: {', '.join(sorted(profiles)) or 'none'}"
+            )
+        resolved = deep_merge(resolved, profiles[profile] or {})
+    top_level = {k: v for k, v in user.items() if k not in ("defaults", "profiles")}
+    resolved = deep_merge(resolved, top_level)
+    resolved["profile"] = profile or "default"
+    try:
+        return ExperimentConfig.model_validate(resolved)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"{source} (profile {profile or 'default'}): {problems}") from exc

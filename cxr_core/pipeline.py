@@ -1,0 +1,155 @@
+"""tf.data input pipeline from the manifest: decode -> gray -> resize -> cache -> shuffle ->
+batch -> prefetch. Images stay raw 0-255 (the model rescales), so a saved model takes files'
+pixels as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from cxr_core.manifest import LABELS
+
+# Formats TensorFlow decodes natively; others (TIFF) are refused before training starts.
+TF_DECODABLE = frozenset({"JPEG", "PNG", "BMP", "GIF"})
+POSITIVE = "PNEUMONIA"
+
+
+@dataclass(frozen=True)
+class SplitData:
+    """Paths and 0/1 labels (1 = PNEUMONIA) of one split."""
+
+    paths: list[str]
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def class_counts(self) -> dict[str, int]:
+        n_pos = int(self.labels.sum())
+        return {LABELS[0]: len(self.labels) - n_pos, LABELS[1]: n_pos}
+
+
+def configure_tensorflow(intra_op_threads: int = 0, inter_op_threads: int = 0,
+                         gpu_memory_growth: bool = True) -> None:
+    """Thread pools and GPU memory growth; must run before the first TensorFlow op.
+
+    Memory growth lets several tuner workers share one GPU instead of each grabbing it all.
+    Calling it again after TensorFlow has started is a no-op rather than an error.
+    """
+    import tensorflow as tf
+
+    try:
+        if intra_op_threads:
+            tf.config.threading.set_intra_op_parallelism_threads(intra_op_threads)
+        if inter_op_threads:
+            tf.config.threading.set_inter_op_parallelism_threads(inter_op_threads)
+        if gpu_memory_growth:
+            for gpu in tf.config.list_physical_devices("GPU"):
+                tf.config.experimental.set_memory_growth(gpu, True)
+    except RuntimeError:
+        pass  # TensorFlow already initialised in this process: keep its settings
+
+
+def split_data(manifest: pd.DataFrame, split: str) -> SplitData:
+    """Readable, labelled rows of one split, in a stable (path) order."""
+    rows = manifest[(manifest["split"] == split) & manifest["readable"].astype(bool)
+                    & manifest["label"].isin(LABELS)].sort_values("path")
+    bad = rows[~rows["format"].isin(TF_DECODABLE)]
+    if len(bad):
+        from cxr_core.errors import DataValidationError
+
+        raise DataValidationError(
+            f"{len(bad)} image(s) in a format the training pipeline cannot decode "
+            f"({', '.join(sorted(set(bad['format'].astype(str))))}), e.g. {bad['path'].iloc[0]}; "
+            "convert them to PNG or JPEG")
+    return SplitData(rows["path"].tolist(), (rows["label"] == POSITIVE).to_numpy(np.int32))
+
+
+def decode_image(path, image_size: int):
+    """File path tensor -> uint8 tensor [size, size, 1] (any channel count, 8 or 16 bit)."""
+    import tensorflow as tf
+
+    raw = tf.io.read_file(path)
+    # dtype=uint8 rescales 16-bit PNGs instead of truncating them.
+    img = tf.io.decode_image(raw, channels=0, dtype=tf.uint8, expand_animations=False)
+    channels = tf.shape(img)[-1]
+    img = tf.cond(
+        channels >= 3,
+        lambda: tf.image.rgb_to_grayscale(img[..., :3]),
+        lambda: img[..., :1],  # L, or LA: drop alpha
+    )
+    img = tf.image.resize(img, [image_size, image_size], method="bilinear", antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(img), 0, 255), tf.uint8)
+
+
+def make_dataset(data: SplitData, image_size: int, batch_size: int, shuffle: bool, seed: int,
+                 cache: bool | str = True, parallel_calls: int | None = None):
+    """Batched ``(float32 images 0-255 [B,S,S,1], float32 labels [B])`` dataset.
+
+    Decoding happens once (cached as uint8); shuffling after the cache reshuffles every epoch
+    with a fixed seed, so a run is repeatable. ``cache`` may be a file path prefix for data
+    that does not fit in memory.
+    """
+    import tensorflow as tf
+
+    autotune = parallel_calls or tf.data.AUTOTUNE
+    ds = tf.data.Dataset.from_tensor_slices((data.paths, data.labels.astype(np.float32)))
+    ds = ds.map(lambda p, y: (decode_image(p, image_size), y), num_parallel_calls=autotune,
+                deterministic=True)
+    if cache:
+        ds = ds.cache(cache if isinstance(cache, str) else "")
+    if shuffle:
+        ds = ds.shuffle(len(data), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size)
+    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=autotune,
+                deterministic=True)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def make_resampled_dataset(data: SplitData, image_size: int, batch_size: int, seed: int,
+                           target_ratio: float = 1.0, parallel_calls: int | None = None):
+    """The ``online`` balancing strategy: draw classes at ``target_ratio`` (minority:majority)
+    by resampling the minority with replacement. Augmentation happens in the model's own
+    random layers, so each repeat of a minority image is a different variant.
+
+    Returns ``(dataset, steps_per_epoch)``; an epoch covers the majority class once.
+    """
+    import tensorflow as tf
+
+    autotune = parallel_calls or tf.data.AUTOTUNE
+    per_class = []
+    for cls in (0, 1):
+        idx = np.flatnonzero(data.labels == cls)
+        if len(idx) == 0:
+            raise ValueError(f"class {LABELS[cls]} has no training images to resample")
+        sub = SplitData([data.paths[i] for i in idx], data.labels[idx])
+        ds = tf.data.Dataset.from_tensor_slices((sub.paths, sub.labels.astype(np.float32)))
+        ds = ds.map(lambda p, y: (decode_image(p, image_size), y), num_parallel_calls=autotune,
+                    deterministic=True).cache()
+        per_class.append(ds.shuffle(len(sub), seed=seed + cls).repeat())
+    counts = np.bincount(data.labels, minlength=2)
+    major = int(np.argmax(counts))
+    weights = [target_ratio, target_ratio]
+    weights[major] = 1.0
+    total = float(sum(weights))
+    mixed = tf.data.Dataset.sample_from_datasets(
+        per_class, weights=[w / total for w in weights], seed=seed)
+    epoch_images = int(counts[major] * (1 + target_ratio))
+    steps = max(1, int(np.ceil(epoch_images / batch_size)))
+    ds = mixed.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y),
+                                     num_parallel_calls=autotune, deterministic=True)
+    return ds.prefetch(tf.data.AUTOTUNE), steps
+
+
+def load_images(paths: Sequence[str], image_size: int) -> np.ndarray:
+    """Decode files exactly as training does, as a float32 array [N, S, S, 1] (for prediction
+    and evaluation of small sets)."""
+    data = SplitData(list(paths), np.zeros(len(paths), np.int32))
+    batches = [x.numpy() for x, _ in make_dataset(data, image_size, 256, shuffle=False, seed=0,
+                                                 cache=False)]
+    return np.concatenate(batches) if batches else np.zeros((0, image_size, image_size, 1),
+                                                            np.float32)

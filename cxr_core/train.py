@@ -1,0 +1,179 @@
+"""Final training of the best hyperparameters and the operating threshold that travels with
+the model (saved beside the ``.keras`` file as ``threshold.json``)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxr_core.config import AugmentConfig
+
+MODEL_FILE = "model.keras"
+THRESHOLD_FILE = "threshold.json"
+
+
+@dataclass(frozen=True)
+class ThresholdChoice:
+    """The operating point chosen on validation data."""
+
+    threshold: float
+    recall: float
+    specificity: float
+    precision: float
+    recall_target: float
+    n_positive: int
+    n_negative: int
+
+
+def choose_threshold(y_true: np.ndarray, y_prob: np.ndarray, recall_target: float) -> ThresholdChoice:
+    """The highest threshold whose recall (predict positive when ``p >= t``) meets the target.
+
+    Highest, because every lower threshold only adds false positives. The k-th largest
+    positive score with k = ceil(target * n_pos) is exactly that threshold.
+    """
+    y_true = np.asarray(y_true).astype(int).ravel()
+    y_prob = np.asarray(y_prob, dtype=np.float64).ravel()
+    if y_true.shape != y_prob.shape:
+        raise ValueError("y_true and y_prob differ in length")
+    pos = np.sort(y_prob[y_true == 1])[::-1]
+    neg = y_prob[y_true == 0]
+    if len(pos) == 0:
+        raise ValueError("no positive examples: recall is undefined")
+    k = max(1, math.ceil(recall_target * len(pos) - 1e-9))
+    t = float(pos[k - 1])
+    predicted = y_prob >= t
+    tp = int((predicted & (y_true == 1)).sum())
+    fp = int((predicted & (y_true == 0)).sum())
+    tn = int((~predicted & (y_true == 0)).sum())
+    return ThresholdChoice(
+        threshold=t,
+        recall=tp / len(pos),
+        specificity=tn / len(neg) if len(neg) else float("nan"),
+        precision=tp / (tp + fp) if tp + fp else float("nan"),
+        recall_target=recall_target,
+        n_positive=len(pos),
+        n_negative=len(neg),
+    )
+
+
+def progress_callback(label: str) -> Any:
+    """A Keras callback that prints one line per epoch (orchestrators capture prints as logs),
+    so a long search or training shows where it is."""
+    import time
+
+    import keras
+
+    class EpochProgress(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+            self._t0 = time.perf_counter()
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            logs = logs or {}
+            total = self.params.get("epochs", "?")
+            shown = ", ".join(f"{k} {logs[k]:.4f}" for k in ("loss", "val_loss", "val_auc",
+                                                             "val_recall") if k in logs)
+            print(f"[{label}] epoch {epoch + 1}/{total}: {shown} "
+                  f"({time.perf_counter() - self._t0:.1f} s)", flush=True)
+
+    return EpochProgress()
+
+
+@dataclass
+class TrainedModel:
+    """What final training produced: the saved model, its threshold and its history."""
+
+    model_path: Path
+    threshold: ThresholdChoice
+    hyperparameters: dict[str, Any]
+    history: dict[str, list[float]] = field(default_factory=dict)
+    epochs_trained: int = 0
+    best_epoch: int = 0
+
+
+def predict_proba(model: Any, dataset: Any) -> np.ndarray:
+    """Probabilities of PNEUMONIA for a batched ``(images, labels)`` or images dataset."""
+    return np.asarray(model.predict(dataset, verbose=0), dtype=np.float64).ravel()
+
+
+def train_final(
+    hyperparameters: dict[str, Any],
+    train_ds: Any,
+    val_ds: Any,
+    val_labels: np.ndarray,
+    out_dir: Path,
+    image_size: int,
+    epochs: int,
+    patience: int,
+    recall_target: float,
+    augment: AugmentConfig | None = None,
+    mixed_precision: bool = False,
+    seed: int = 0,
+    steps_per_epoch: int | None = None,
+    class_weight: dict[int, float] | None = None,
+    verbose: int = 0,
+) -> TrainedModel:
+    """Retrain the best hyperparameters with early stopping on validation ROC-AUC (best
+    weights restored), choose the threshold on validation, save model and threshold.
+
+    ``val_ds`` must not be shuffled: its order has to match ``val_labels``.
+    """
+    import keras
+
+    from cxr_core.model import build_cnn
+
+    keras.utils.set_random_seed(seed)
+    keys = ("blocks", "base_filters", "convs_per_block", "separable", "residual", "dropout",
+            "dense_units", "learning_rate")
+    model = build_cnn(image_size, augment=augment, mixed_precision=mixed_precision, seed=seed,
+                      **{k: hyperparameters[k] for k in keys if k in hyperparameters})
+    callbacks = [progress_callback("final training")]
+    if patience:
+        callbacks.append(keras.callbacks.EarlyStopping(
+            monitor="val_auc", mode="max", patience=patience, restore_best_weights=True))
+    fit_kwargs: dict[str, Any] = dict(validation_data=val_ds, epochs=epochs, callbacks=callbacks,
+                                      shuffle=False,  # tf.data already reshuffles each epoch
+                                      verbose=verbose)
+    if steps_per_epoch:
+        fit_kwargs["steps_per_epoch"] = steps_per_epoch
+    if class_weight:
+        fit_kwargs["class_weight"] = class_weight
+    history = model.fit(train_ds, **fit_kwargs).history
+    choice = choose_threshold(val_labels, predict_proba(model, val_ds), recall_target)
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_path = out_dir / MODEL_FILE
+    model.save(model_path)
+    save_threshold(out_dir / THRESHOLD_FILE, choice)
+    val_auc = history.get("val_auc", [])
+    return TrainedModel(
+        model_path=model_path,
+        threshold=choice,
+        hyperparameters=dict(hyperparameters),
+        history={k: [float(v) for v in vals] for k, vals in history.items()},
+        epochs_trained=len(val_auc),
+        best_epoch=int(np.argmax(val_auc)) + 1 if val_auc else 0,
+    )
+
+
+def save_threshold(path: Path, choice: ThresholdChoice) -> Path:
+    """Write the operating point beside the model."""
+    Path(path).write_text(json.dumps(asdict(choice), indent=2), encoding="utf-8")
+    return Path(path)
+
+
+def load_threshold(model_dir: Path) -> ThresholdChoice:
+    """Read ``threshold.json`` from a model directory."""
+    return ThresholdChoice(**json.loads((Path(model_dir) / THRESHOLD_FILE).read_text("utf-8")))
+
+
+def load_model(model_dir: Path) -> tuple[Any, ThresholdChoice]:
+    """The saved model and its threshold."""
+    import keras
+
+    return keras.models.load_model(Path(model_dir) / MODEL_FILE), load_threshold(model_dir)

@@ -1,0 +1,28 @@
+"""A Keras Tuner worker as a flow, so the retrain flow can start workers on the `gpu` work
+pool with run_deployment while the chief serves the oracle beside it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from prefect import flow
+
+from cxr_core.config import load_config
+from cxr_core.training import tune_from_manifest, wait_for_manifest
+
+
+@flow(name="tune-worker", log_prints=True)
+def tune_worker_flow(work_dir: str, tuner_id: str, oracle_ip: str, oracle_port: int,
+                     profile: str = "quick", config: str | None = None,
+                     wait_s: float = 600.0) -> int:
+    """Run trials handed out by the chief at ``oracle_ip:oracle_port`` over the shared
+    ``work_dir``; returns how many trials this worker ran."""
+    os.environ.update({"KERASTUNER_TUNER_ID": tuner_id, "KERASTUNER_ORACLE_IP": oracle_ip,
+                       "KERASTUNER_ORACLE_PORT": str(oracle_port)})
+    cfg = load_config(Path(config) if config else None, profile)
+    wait_for_manifest(Path(work_dir), timeout_s=wait_s)
+    _, trials = tune_from_manifest(Path(work_dir), cfg, chief=False)
+    mine = [t for t in trials if t.tuner_id == tuner_id]
+    print(f"worker {tuner_id}: ran {len(mine)} of {len(trials)} trials")
+    return len(mine)

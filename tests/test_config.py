@@ -1,0 +1,92 @@
+"""Experiment config (YAML, profiles, overrides) and infrastructure settings (CXR_ env)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cxr_core.config import available_profiles, deep_merge, load_config
+from cxr_core.errors import ConfigError
+from cxr_core.settings import Settings
+
+
+def test_defaults_and_profiles_resolve() -> None:
+    base = load_config()
+    quick = load_config(profile="quick")
+    full = load_config(profile="full")
+    assert base.profile == "default" and quick.profile == "quick"
+    assert quick.data.image_size == 64 and full.data.image_size == 128
+    assert quick.tune.max_trials < full.tune.max_trials
+    # A profile overrides only what it names; the rest comes from defaults.
+    assert quick.balance == base.balance
+    assert {"quick", "full"} <= set(available_profiles())
+    assert full.gates.min_recall == 0.95 and full.gates.min_accuracy == 0.90
+
+
+def test_user_file_overrides_profile_and_adds_profiles(tmp_path: Path) -> None:
+    f = tmp_path / "exp.yaml"
+    f.write_text("tune:\n  max_trials: 7\nprofiles:\n  tiny:\n    data:\n      image_size: 32\n")
+    assert load_config(f, "quick").tune.max_trials == 7
+    assert load_config(f, "tiny").data.image_size == 32
+    assert "tiny" in available_profiles(f)
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("tune:\n  max_trails: 3\n", "max_trails"),           # typo is an error, not ignored
+        ("data:\n  image_size: 2\n", "image_size"),
+        ("balance:\n  strategy: smote\n", "strategy"),
+        ("validation:\n  min_width: 900\n  max_width: 100\n", "min image size"),
+        ("- a\n- b\n", "mapping"),
+        ("tune: [\n", "not valid YAML"),
+    ],
+)
+def test_bad_config_names_file_and_field(tmp_path: Path, text: str, match: str) -> None:
+    f = tmp_path / "bad.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=match) as exc:
+        load_config(f, "quick")
+    assert "bad.yaml" in str(exc.value)
+
+
+def test_unknown_profile_lists_available() -> None:
+    with pytest.raises(ConfigError, match="quick"):
+        load_config(profile="nope")
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "none.yaml")
+
+
+def test_flat_view_has_dotted_keys() -> None:
+    flat = load_config(profile="quick").flat()
+    assert flat["data.image_size"] == 64 and flat["gates.min_recall"] == 0.80
+
+
+def test_deep_merge_does_not_mutate() -> None:
+    a = {"x": {"y": 1, "z": 2}}
+    merged = deep_merge(a, {"x": {"y": 5}})
+    assert merged == {"x": {"y": 5, "z": 2}} and a == {"x": {"y": 1, "z": 2}}
+
+
+def test_settings_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CXR_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("CXR_S3_BUCKET", "bucket-a")
+    monkeypatch.setenv("CXR_S3_SECRET_ACCESS_KEY", "very-secret-value")
+    s = Settings()
+    assert s.home == (tmp_path / "home").resolve()
+    assert s.mlflow_tracking_uri == f"sqlite:///{(tmp_path / 'home').resolve()}/mlflow.db"
+    assert s.s3_bucket == "bucket-a" and s.registered_model_name == "cxr-pneumonia"
+    assert "very-secret-value" not in repr(s)
+    assert not (tmp_path / "home").exists()  # building settings creates nothing
+    monkeypatch.setenv("CXR_TRACKING_URI", "http://127.0.0.1:5000")
+    assert Settings().mlflow_tracking_uri == "http://127.0.0.1:5000"
+
+
+def test_relative_home_becomes_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CXR_HOME", raising=False)
+    assert Settings().home == (tmp_path / ".cxr").resolve()

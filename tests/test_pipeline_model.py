@@ -1,0 +1,151 @@
+"""Input pipeline, model family and operating threshold (fast: no search)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import write_image
+from cxr_core.errors import DataValidationError
+from cxr_core.manifest import scan_dataset
+from cxr_core.pipeline import (
+    SplitData,
+    load_images,
+    make_dataset,
+    make_resampled_dataset,
+    split_data,
+)
+from cxr_core.train import choose_threshold
+
+
+def _first_epoch_labels(ds) -> list[float]:
+    return [float(v) for _, y in ds for v in y.numpy()]
+
+
+def test_dataset_shapes_dtypes_and_raw_pixel_range(good_dataset: Path) -> None:
+    m = scan_dataset(good_dataset, workers=1).manifest
+    data = split_data(m, "train")
+    assert len(data) == 32 and data.class_counts() == {"NORMAL": 16, "PNEUMONIA": 16}
+    ds = make_dataset(data, 32, 8, shuffle=True, seed=1)
+    x, y = next(iter(ds))
+    assert x.shape == (8, 32, 32, 1) and x.dtype.name == "float32"
+    assert float(x.numpy().max()) > 1.5  # raw 0-255 pixels: the model rescales
+    assert set(y.numpy().tolist()) <= {0.0, 1.0}
+
+
+def test_shuffle_is_deterministic_for_a_seed_and_reshuffles_each_epoch(good_dataset: Path) -> None:
+    data = split_data(scan_dataset(good_dataset, workers=1).manifest, "train")
+    a = make_dataset(data, 16, 4, shuffle=True, seed=7)
+    b = make_dataset(data, 16, 4, shuffle=True, seed=7)
+    first_a, second_a = _first_epoch_labels(a), _first_epoch_labels(a)
+    assert first_a == _first_epoch_labels(b)
+    xa = np.concatenate([x.numpy() for x, _ in make_dataset(data, 16, 4, True, 7)])
+    xb = np.concatenate([x.numpy() for x, _ in make_dataset(data, 16, 4, True, 7)])
+    assert np.array_equal(xa, xb)
+    xc = np.concatenate([x.numpy() for x, _ in make_dataset(data, 16, 4, True, 8)])
+    assert not np.array_equal(xa, xc)
+    assert sorted(first_a) == sorted(second_a)
+
+
+def test_decodes_rgba_16bit_and_png_named_jpeg(tmp_path: Path) -> None:
+    paths = [
+        write_image(tmp_path / "a.png", 1, size=40, mode="RGBA", fmt="PNG"),
+        write_image(tmp_path / "b.png", 2, size=40, mode="I;16", fmt="PNG"),
+        write_image(tmp_path / "c.jpeg", 3, size=40, fmt="PNG"),
+        write_image(tmp_path / "d.jpeg", 4, size=50, mode="RGB"),
+    ]
+    x = load_images([str(p) for p in paths], 24)
+    assert x.shape == (4, 24, 24, 1)
+    # 16-bit is rescaled to 8 bits (not truncated to its low byte, not all zero).
+    assert 50 < x[1].mean() < 200
+
+
+def test_formats_tf_cannot_decode_are_refused_by_name(tmp_path: Path) -> None:
+    tif = write_image(tmp_path / "train" / "NORMAL" / "IM-0001-0001.tif", 1, fmt="TIFF")
+    write_image(tmp_path / "train" / "PNEUMONIA" / "person1_virus_1.jpeg", 2)
+    m = scan_dataset(tmp_path, workers=1).manifest
+    with pytest.raises(DataValidationError, match="TIFF") as exc:
+        split_data(m, "train")
+    assert str(tif.resolve()) in str(exc.value)
+
+
+def test_online_resampling_balances_classes(tmp_path: Path) -> None:
+    paths, labels = [], []
+    for i in range(24):
+        label = 1 if i < 18 else 0  # 3:1 imbalance
+        paths.append(str(write_image(tmp_path / f"{i}.png", i, size=16, fmt="PNG")))
+        labels.append(label)
+    data = SplitData(paths, np.array(labels, np.int32))
+    ds, steps = make_resampled_dataset(data, 16, 8, seed=0, target_ratio=1.0)
+    assert steps == int(np.ceil(18 * 2 / 8))
+    ys = [float(v) for _, y in ds.take(40) for v in y.numpy()]
+    assert 0.4 < np.mean(ys) < 0.6
+
+
+@pytest.mark.parametrize(
+    "y_true, y_prob, target, expect_t",
+    [
+        ([1, 1, 1, 1, 0, 0], [0.9, 0.8, 0.7, 0.6, 0.5, 0.1], 1.0, 0.6),
+        ([1, 1, 1, 1, 0, 0], [0.9, 0.8, 0.7, 0.6, 0.5, 0.1], 0.75, 0.7),
+        ([1, 1, 1, 1, 0, 0], [0.9, 0.8, 0.7, 0.6, 0.5, 0.1], 0.5, 0.8),
+        ([1, 0, 1, 0], [0.2, 0.9, 0.4, 0.1], 0.95, 0.2),
+    ],
+)
+def test_threshold_is_the_highest_meeting_recall(y_true, y_prob, target, expect_t) -> None:
+    c = choose_threshold(np.array(y_true), np.array(y_prob), target)
+    assert c.threshold == pytest.approx(expect_t)
+    assert c.recall >= target
+    # Any higher candidate threshold misses the target.
+    higher = [p for p in y_prob if p > c.threshold]
+    for t in higher:
+        pos = np.array(y_prob)[np.array(y_true) == 1]
+        assert (pos >= t).mean() < target
+
+
+def test_threshold_reports_specificity() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 500)
+    p = np.clip(y * 0.6 + rng.normal(0.2, 0.2, 500), 0, 1)
+    c = choose_threshold(y, p, 0.95)
+    assert c.recall >= 0.95
+    assert c.specificity == pytest.approx(((p < c.threshold) & (y == 0)).sum() / (y == 0).sum())
+    with pytest.raises(ValueError, match="no positive"):
+        choose_threshold(np.zeros(3), np.ones(3), 0.9)
+
+
+def test_model_family_metrics_and_raw_input() -> None:
+    import keras_tuner as kt
+
+    from cxr_core.config import AugmentConfig
+    from cxr_core.model import METRIC_NAMES, CxrHyperModel, build_cnn, seed_baseline
+
+    hm = CxrHyperModel(32, augment=AugmentConfig())
+    hp = kt.HyperParameters()
+    model = hm.build(hp)
+    assert {"blocks", "base_filters", "separable", "residual", "dropout", "dense_units",
+            "learning_rate"} <= set(hp.values)
+    assert model.input_shape == (None, 32, 32, 1) and model.output_shape == (None, 1)
+    logs = model.evaluate(np.zeros((4, 32, 32, 1), np.float32), np.array([0, 1, 0, 1.0]),
+                          verbose=0, return_dict=True)
+    assert set(METRIC_NAMES) <= set(logs)  # tuner objectives and MLflow names rely on these
+    x = np.full((2, 32, 32, 1), 200.0, np.float32)
+    out = model.predict(x, verbose=0)
+    assert out.shape == (2, 1) and np.all((out >= 0) & (out <= 1))
+    bf16 = build_cnn(32, blocks=3, base_filters=16, mixed_precision=True, residual=True,
+                     separable=True)
+    assert bf16.output.dtype == "float32"
+    assert seed_baseline(64).input_shape == (None, 64, 64, 3)
+
+
+def test_thread_settings_apply_before_the_first_op() -> None:
+    import subprocess
+    import sys
+
+    code = ("from cxr_core.pipeline import configure_tensorflow; configure_tensorflow(1, 2);"
+            "import tensorflow as tf; c = tf.config.threading;"
+            "print(c.get_intra_op_parallelism_threads(), c.get_inter_op_parallelism_threads());"
+            "configure_tensorflow(2, 2)")  # a second call after start-up must not raise
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["1", "2"]
