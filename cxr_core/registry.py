@@ -10,6 +10,7 @@ from __future__ import annotations
 import getpass
 import json
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -101,7 +102,7 @@ def register_if_blessed(client: Any, name: str, run_id: str, decision: Any, thre
     existing = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
     if existing:  # a retried call: the version exists, finish its alias and stop
         version = str(existing[0].version)
-        client.set_registered_model_alias(name, CHALLENGER, version)
+        _point_challenger(client, name, version)
         return version
     tags = {
         GATE_TAG: "true",
@@ -112,8 +113,39 @@ def register_if_blessed(client: Any, name: str, run_id: str, decision: Any, thre
     }
     mv = client.create_model_version(name, source=f"runs:/{run_id}/{MODEL_ARTIFACT}",
                                      run_id=run_id, tags=tags)
-    client.set_registered_model_alias(name, CHALLENGER, mv.version)
+    _point_challenger(client, name, str(mv.version))
     return str(mv.version)
+
+
+_PERMANENT_ERRORS = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "PERMISSION_DENIED",
+                     "UNAUTHENTICATED"}
+
+
+def _set_alias(client: Any, name: str, alias: str, version: str, attempts: int = 6) -> None:
+    """Set an alias, retrying a conflicting write: MLflow's SQL store checks then inserts,
+    so two processes aliasing the same model at once can collide on the unique key."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            client.set_registered_model_alias(name, alias, version)
+            return
+        except MlflowException as exc:
+            if exc.error_code in _PERMANENT_ERRORS or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * 2**attempt)
+
+
+def _point_challenger(client: Any, name: str, version: str) -> None:
+    """Give ``version`` the challenger alias unless a newer version already holds it
+    (two registrations at once: the newest one stays the challenger)."""
+    current = _alias_version(client, name, CHALLENGER)
+    if current is not None and int(current.version) > int(version):
+        return
+    _set_alias(client, name, CHALLENGER, version)
+    current = _alias_version(client, name, CHALLENGER)
+    if current is not None and int(current.version) < int(version):
+        _set_alias(client, name, CHALLENGER, version)  # an older writer landed last
 
 
 def _alias_version(client: Any, name: str, alias: str) -> Any | None:
@@ -214,8 +246,8 @@ def promote(client: Any, name: str, version: str | None = None, force: bool = Fa
         "cxr.promotion_comparison": json.dumps(comparison)[:5000] if comparison else "none",
     }
     if champion is not None:
-        client.set_registered_model_alias(name, PREVIOUS, champion.version)
-    client.set_registered_model_alias(name, CHAMPION, candidate.version)  # the atomic switch
+        _set_alias(client, name, PREVIOUS, champion.version)
+    _set_alias(client, name, CHAMPION, candidate.version)  # the atomic switch
     for key, value in audit.items():
         client.set_model_version_tag(name, candidate.version, key, value)
     challenger = _alias_version(client, name, CHALLENGER)
@@ -232,9 +264,9 @@ def rollback(client: Any, name: str, reason: str | None = None, actor: str | Non
     if previous is None:
         raise PromotionRejected(f"{name!r} has no '{PREVIOUS}' alias: nothing to roll back to")
     current = _alias_version(client, name, CHAMPION)
-    client.set_registered_model_alias(name, CHAMPION, previous.version)
+    _set_alias(client, name, CHAMPION, previous.version)
     if current is not None:
-        client.set_registered_model_alias(name, PREVIOUS, current.version)
+        _set_alias(client, name, PREVIOUS, current.version)
     else:
         client.delete_registered_model_alias(name, PREVIOUS)
     now = datetime.now(UTC).isoformat(timespec="seconds")

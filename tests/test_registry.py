@@ -186,6 +186,8 @@ def test_two_processes_register_at_once(server, client, exp_id, model_dir, tmp_p
     assert versions == ["1", "2"]
     registered = client.search_model_versions("name='cxr-concurrent'")
     assert sorted(mv.run_id for mv in registered) == sorted(runs)
+    # The newest passing version is the challenger, whichever process finished last.
+    assert client.get_model_version_by_alias("cxr-concurrent", CHALLENGER).version in (2, "2")
 
 
 def test_predict_by_champion_alias_skips_bad_files(server, tmp_path) -> None:
