@@ -44,7 +44,8 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data_dir", nargs="?", default=os.environ.get("CXR_REAL_DATA"))
     parser.add_argument("--image-size", type=int, default=128)
-    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/input_pipeline.json"),
+                        help="where the figures are written (JSON)")
     args = parser.parse_args()
     if not args.data_dir:
         print("give DATA_DIR or set CXR_REAL_DATA", file=sys.stderr)

@@ -27,7 +27,8 @@ def main() -> int:
     parser.add_argument("--tracking-uri", default=os.environ.get("CXR_TRACKING_URI"))
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--latency-samples", type=int, default=200)
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/predict_throughput.json"),
+                        help="where the figures are written (JSON)")
     args = parser.parse_args()
     if not args.data_dir:
         print("give DATA_DIR or set CXR_REAL_DATA", file=sys.stderr)
@@ -71,8 +72,17 @@ def main() -> int:
     print(f"targets : >= 500 images/s {'MET' if throughput >= 500 else 'NOT MET'}; "
           f"median < 20 ms {'MET' if med < 20 else 'NOT MET'}")
     if args.json:
-        args.json.write_text(json.dumps({"images_per_s": throughput, "latency_median_ms": med,
-                                         "latency_p95_ms": p95, "images": len(preds)}, indent=2))
+        import platform
+        from datetime import UTC, datetime
+
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({
+            "benchmark": "predict_throughput",
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+            "command": "python " + " ".join(sys.argv),
+            "images_per_s": throughput, "latency_median_ms": med, "latency_p95_ms": p95,
+            "images": len(preds)}, indent=2))
     return 0
 
 

@@ -21,7 +21,8 @@ from cxr_core.manifest import scan_dataset
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("data_dir", nargs="?", default=os.environ.get("CXR_REAL_DATA"))
-    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/scan.json"),
+                        help="where the figures are written (JSON)")
     args = parser.parse_args()
     if not args.data_dir:
         print("give DATA_DIR or set CXR_REAL_DATA", file=sys.stderr)

@@ -208,7 +208,8 @@ def main() -> int:
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction, default=False,
                         help="mixed_bfloat16 for the default model (the seed baseline is float32)")
-    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/train_throughput.json"),
+                        help="where the figures are written (JSON)")
     parser.add_argument("--worker", choices=MODELS, help=argparse.SUPPRESS)
     parser.add_argument("--split-file", help=argparse.SUPPRESS)
     parser.add_argument("--result-file", help=argparse.SUPPRESS)

@@ -69,6 +69,9 @@ class AugmentConfig(_Section):
     max_contrast: float = Field(0.15, ge=0, le=0.9)     # multiplicative around the mean
     gamma_range: tuple[float, float] = (0.8, 1.25)
     horizontal_flip: bool = False
+    random_gamma: bool = False   # gamma_range on every training image (input pipeline)
+    max_blur_sigma: float = Field(0.0, ge=0, le=3)      # in-model Gaussian blur, pixels
+    noise_std: float = Field(0.0, ge=0, le=50)          # Gaussian noise (input pipeline), grey levels
 
 
 class BalanceConfig(_Section):
@@ -90,6 +93,11 @@ class TrainConfig(_Section):
     batch_size: int = Field(32, ge=1)
     early_stopping_patience: int = Field(3, ge=0)
     mixed_precision: bool = False
+    # Robust-training options (issue 6): per-image intensity normalization inside the model,
+    # label smoothing, and mixup of training batches (Beta(alpha, alpha); 0 = off).
+    intensity_norm: Literal["none", "standardize"] = "none"
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    mixup_alpha: float = Field(0.0, ge=0, le=2)
 
 
 class GateConfig(_Section):

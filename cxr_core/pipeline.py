@@ -153,3 +153,62 @@ def load_images(paths: Sequence[str], image_size: int) -> np.ndarray:
                                                  cache=False)]
     return np.concatenate(batches) if batches else np.zeros((0, image_size, image_size, 1),
                                                             np.float32)
+
+
+def mixup(dataset, alpha: float, seed: int):
+    """Mixup of a batched ``(images, labels)`` dataset: each image and label is blended with
+    another of the same batch with a weight drawn from Beta(alpha, alpha). Deterministic for
+    a seed. A regularizer that keeps predictions from getting overconfident."""
+    import tensorflow as tf
+
+    if alpha <= 0:
+        return dataset
+    seeds = tf.data.Dataset.random(seed=seed).batch(2)
+
+    def blend(batch, pair):
+        x, y = batch
+        n = tf.shape(x)[0]
+        s1 = tf.stack([pair[0], pair[1]])
+        s2 = tf.stack([pair[1], pair[0]])
+        g1 = tf.random.stateless_gamma([n], s1, alpha=alpha)
+        g2 = tf.random.stateless_gamma([n], s2, alpha=alpha)
+        lam = g1 / (g1 + g2)
+        partner = tf.random.experimental.stateless_shuffle(tf.range(n), s1)
+        lam_x = tf.reshape(lam, [-1, 1, 1, 1])
+        x = lam_x * x + (1.0 - lam_x) * tf.gather(x, partner)
+        y = lam * y + (1.0 - lam) * tf.gather(y, partner)
+        return x, y
+
+    return tf.data.Dataset.zip((dataset, seeds)).map(blend, num_parallel_calls=tf.data.AUTOTUNE,
+                                                      deterministic=True)
+
+
+def photometric(dataset, gamma_range: tuple[float, float] | None, noise_std: float, seed: int):
+    """Train-time acquisition changes on a batched ``(images 0-255, labels)`` dataset: a
+    random gamma in ``gamma_range`` (log-uniform) per image, then Gaussian noise with a
+    standard deviation drawn per image from 0 to ``noise_std`` grey levels. Exposure
+    curves and detector noise differ between scanners and neither is undone by a linear
+    normalization. Lives in the input pipeline because
+    Keras has no gamma layer and its GaussianNoise takes no stddev above 1; deterministic
+    for a seed."""
+    import tensorflow as tf
+
+    lo, hi = (float(g) for g in (gamma_range or (1.0, 1.0)))
+    if lo == hi == 1.0 and not noise_std:
+        return dataset
+    seeds = tf.data.Dataset.random(seed=seed + 17).batch(2)
+
+    def apply(batch, pair):
+        x, y = batch
+        n = tf.shape(x)[0]
+        s = tf.stack([pair[0], pair[1]])
+        if (lo, hi) != (1.0, 1.0):
+            u = tf.random.stateless_uniform([n, 1, 1, 1], s, minval=np.log(lo), maxval=np.log(hi))
+            x = 255.0 * tf.pow(x / 255.0, tf.exp(u))
+        if noise_std:
+            sigma = noise_std * tf.random.stateless_uniform([n, 1, 1, 1], s + 1)
+            x = x + sigma * tf.random.stateless_normal(tf.shape(x), s[::-1])
+        return tf.clip_by_value(x, 0.0, 255.0), y
+
+    return tf.data.Dataset.zip((dataset, seeds)).map(apply, num_parallel_calls=tf.data.AUTOTUNE,
+                                                      deterministic=True)

@@ -85,12 +85,11 @@ def tune_stage(run_dir: Path, cfg: ExperimentConfig, verbose: int = 0) -> tuple[
 
 def search_results(run_dir: Path, cfg: ExperimentConfig) -> tuple[list[Any], dict[str, Any]]:
     """Read a finished search (e.g. a distributed one) back from ``run_dir/tuner``."""
-    from cxr_core.model import CxrHyperModel
+    from cxr_core.training import hypermodel_for
     from cxr_core.tune import best_hyperparameters, collect_trials, make_tuner
 
     tuner = make_tuner(
-        CxrHyperModel(cfg.data.image_size, augment=cfg.balance.augment,
-                      mixed_precision=cfg.train.mixed_precision, seed=cfg.seed),
+        hypermodel_for(cfg),
         Path(run_dir) / "tuner", algorithm=cfg.tune.algorithm, objective_name=cfg.tune.objective,
         max_trials=cfg.tune.max_trials, max_epochs=cfg.tune.max_epochs, seed=cfg.seed)
     best = best_hyperparameters(tuner)

@@ -144,3 +144,52 @@ def robustness_report(predict: Callable[[np.ndarray], np.ndarray], images: np.nd
         metrics = point_metrics(y_true, predict(shifted), threshold)
         report.shifted[name] = {k: metrics[k] for k in keep}
     return report
+
+
+def shifted_copy(images: np.ndarray, seed: int = 0,
+                 perturbations: dict[str, Perturbation] | None = None) -> np.ndarray:
+    """A copy of ``images`` (raw 0-255, [N, S, S, 1]) where each image went through one
+    perturbation drawn at random (fixed by ``seed``): one extra set the size of the
+    original that covers every shift, cheap enough to score after every epoch."""
+    perturbations = perturbations or PERTURBATIONS
+    images = np.asarray(images, dtype=np.float32)
+    rng = np.random.default_rng(seed)
+    which = rng.integers(0, len(perturbations), len(images))
+    out = np.empty_like(images)
+    for i, perturb in enumerate(perturbations.values()):
+        idx = np.flatnonzero(which == i)
+        if len(idx):
+            out[idx] = perturb(images[idx], np.random.default_rng([seed, i]))
+    return np.round(out)
+
+
+SHIFT_METRICS = ("val_shift_auc", "val_shift_accuracy")
+
+
+def shifted_validation_callback(images: np.ndarray, labels: np.ndarray,
+                                batch_size: int = 128) -> Any:
+    """A Keras callback that scores a shifted copy of the validation images after every
+    epoch and adds ``val_shift_auc`` and ``val_shift_accuracy`` (at 0.5) to the epoch's logs,
+    so they can be tuner objectives, early-stopping monitors and logged curves.
+
+    It must come before any callback that reads those keys (they see the same logs dict).
+    """
+    import keras
+    from sklearn.metrics import roc_auc_score
+
+    x = np.asarray(images, dtype=np.uint8)  # a quarter of the memory of float32
+    y = np.asarray(labels).astype(int).ravel()
+    both = len(np.unique(y)) == 2
+
+    class ShiftedValidation(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            if logs is None:
+                return
+            p = np.concatenate([
+                np.asarray(self.model(x[i:i + batch_size].astype(np.float32), training=False))
+                .ravel() for i in range(0, len(x), batch_size)]) if len(x) else np.zeros(0)
+            logs["val_shift_auc"] = float(roc_auc_score(y, p)) if both else float("nan")
+            logs["val_shift_accuracy"] = float(((p >= 0.5).astype(int) == y).mean()) \
+                if len(y) else float("nan")
+
+    return ShiftedValidation()

@@ -81,15 +81,45 @@ def make_datasets(balanced: BalancedTrainSet, cfg: ExperimentConfig) -> Datasets
                                               cfg.balance.target_ratio)
     else:
         train = make_dataset(train_data, size, batch, shuffle=True, seed=cfg.seed)
+    aug = cfg.balance.augment
+    if aug.random_gamma or aug.noise_std:
+        from cxr_core.pipeline import photometric
+
+        train = photometric(train, aug.gamma_range if aug.random_gamma else None,
+                            aug.noise_std, cfg.seed)
+    if cfg.train.mixup_alpha:
+        from cxr_core.pipeline import mixup
+
+        train = mixup(train, cfg.train.mixup_alpha, cfg.seed)
     val = make_dataset(val_data, size, batch, shuffle=False, seed=cfg.seed)
     return Datasets(train, val, train_data, val_data, steps, balanced.class_weight)
+
+
+def hypermodel_for(cfg: ExperimentConfig) -> Any:
+    """The search space of ``cfg`` (image size, augmentation and robust-training options)."""
+    from cxr_core.model import CxrHyperModel
+
+    return CxrHyperModel(cfg.data.image_size, augment=cfg.balance.augment,
+                         mixed_precision=cfg.train.mixed_precision, seed=cfg.seed,
+                         intensity_norm=cfg.train.intensity_norm,
+                         label_smoothing=cfg.train.label_smoothing)
+
+
+def shifted_validation(datasets: Datasets, cfg: ExperimentConfig) -> Any:
+    """The per-epoch ``val_shift_*`` callback over a shifted copy of the validation images
+    (see :func:`cxr_core.robustness.shifted_copy`)."""
+    import numpy as np
+
+    from cxr_core.robustness import shifted_copy, shifted_validation_callback
+
+    images = np.concatenate([x.numpy() for x, _ in datasets.val])
+    return shifted_validation_callback(shifted_copy(images, cfg.seed), datasets.val_data.labels)
 
 
 def tune(datasets: Datasets, cfg: ExperimentConfig, work_dir: Path, verbose: int = 0,
          project_name: str = "search"):
     """Run or resume the search whose state lives in ``work_dir/tuner``; returns
     ``(tuner, trial results)``."""
-    from cxr_core.model import CxrHyperModel
     from cxr_core.tune import (
         check_distributed_env,
         default_distribution_strategy,
@@ -98,10 +128,8 @@ def tune(datasets: Datasets, cfg: ExperimentConfig, work_dir: Path, verbose: int
     )
 
     check_distributed_env()
-    hypermodel = CxrHyperModel(cfg.data.image_size, augment=cfg.balance.augment,
-                               mixed_precision=cfg.train.mixed_precision, seed=cfg.seed)
     tuner = make_tuner(
-        hypermodel, Path(work_dir) / "tuner", project_name=project_name,
+        hypermodel_for(cfg), Path(work_dir) / "tuner", project_name=project_name,
         algorithm=cfg.tune.algorithm, objective_name=cfg.tune.objective,
         max_trials=cfg.tune.max_trials, max_epochs=cfg.tune.max_epochs,
         executions_per_trial=cfg.tune.executions_per_trial, seed=cfg.seed,
@@ -109,7 +137,8 @@ def tune(datasets: Datasets, cfg: ExperimentConfig, work_dir: Path, verbose: int
     )
     trials = run_search(tuner, datasets.train, datasets.val, cfg.tune.max_epochs,
                         cfg.train.early_stopping_patience, datasets.steps_per_epoch,
-                        datasets.class_weight, verbose=verbose)
+                        datasets.class_weight, verbose=verbose,
+                        callbacks=[shifted_validation(datasets, cfg)])
     return tuner, trials
 
 
@@ -125,7 +154,9 @@ def train_best(best_hp: dict[str, Any], datasets: Datasets, cfg: ExperimentConfi
         recall_target=cfg.gates.recall_target_for_threshold, augment=cfg.balance.augment,
         mixed_precision=cfg.train.mixed_precision, seed=cfg.seed,
         steps_per_epoch=datasets.steps_per_epoch, class_weight=datasets.class_weight,
-        verbose=verbose,
+        verbose=verbose, intensity_norm=cfg.train.intensity_norm,
+        label_smoothing=cfg.train.label_smoothing, monitor=cfg.tune.objective,
+        callbacks=[shifted_validation(datasets, cfg)],
     )
 
 
@@ -180,13 +211,11 @@ def tune_from_manifest(work_dir: Path, cfg: ExperimentConfig, chief: bool = Fals
     from cxr_core.manifest import read_manifest
 
     if chief:
-        from cxr_core.model import CxrHyperModel
         from cxr_core.tune import check_distributed_env, collect_trials, make_tuner
 
         check_distributed_env()
         tuner = make_tuner(
-            CxrHyperModel(cfg.data.image_size, augment=cfg.balance.augment,
-                          mixed_precision=cfg.train.mixed_precision, seed=cfg.seed),
+            hypermodel_for(cfg),
             Path(work_dir) / "tuner", algorithm=cfg.tune.algorithm,
             objective_name=cfg.tune.objective, max_trials=cfg.tune.max_trials,
             max_epochs=cfg.tune.max_epochs, seed=cfg.seed)

@@ -145,14 +145,15 @@ def make_tuner(
 
 def run_search(tuner: kt.Tuner, train_ds: Any, val_ds: Any, max_epochs: int, patience: int,
                steps_per_epoch: int | None = None, class_weight: dict[int, float] | None = None,
-               verbose: int = 0) -> list[TrialResult]:
-    """Run (or resume) the search; returns every trial's result.
+               verbose: int = 0, callbacks: list[Any] | None = None) -> list[TrialResult]:
+    """Run (or resume) the search; returns every trial's result. ``callbacks`` run before
+    early stopping, so metrics they add (``val_shift_auc``) can be the objective.
 
     On the chief of a distributed search this serves the oracle until the workers finish.
     """
     import keras
 
-    callbacks = []
+    callbacks = list(callbacks or [])
     if patience:
         callbacks.append(keras.callbacks.EarlyStopping(
             monitor=tuner.oracle.objective.name, mode=tuner.oracle.objective.direction,

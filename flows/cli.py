@@ -162,6 +162,9 @@ def run(
     tuner_workers: Annotated[int, typer.Option(
         "--tuner-workers", help="Distributed search: start this many tuner workers as runs of "
         "the tune-worker deployment (needs `cxr deploy` and workers on its pool).")] = 0,
+    json_out: Annotated[Path | None, typer.Option(
+        "--json-out", help="Also write the run's result (model version, test metrics, stage "
+        "times) to this JSON file, for schedulers and benchmarks.")] = None,
 ) -> None:
     """Run the retraining flow: validate -> balance -> tune -> train -> evaluate -> gate ->
     register. Exit 0 when a model was registered, 1 when validation or the gates rejected,
@@ -188,11 +191,18 @@ def run(
     except CxrError as exc:
         _fail(str(exc), 2)
     metrics = result["test_metrics"]
+    if json_out is not None:
+        import json
+
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
     typer.echo("")
     typer.echo(f"registered {result['model_uri']} (alias 'challenger'); threshold "
                f"{result['threshold']:.4f}")
     typer.echo("test: " + ", ".join(f"{k} {metrics[k]:.3f}" for k in
                                     ("accuracy", "recall", "specificity", "roc_auc")))
+    typer.echo(f"{result['trials']} tuner trials; stage times (s): " + ", ".join(
+        f"{k} {v:.0f}" for k, v in result["stage_seconds"].items()))
     typer.echo(f"work directory: {result['run_dir']} (resume with --resume "
                f"{Path(result['run_dir']).name})")
     uri = settings.mlflow_tracking_uri

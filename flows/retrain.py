@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -70,30 +73,37 @@ def retrain_flow(data_dir: str | None = None, profile: str = "quick",
 
     refs = tasks.start_tracking(uri, settings.experiment_name, cfg, run_dir, data,
                                 settings.artifact_location)
+    timings: dict[str, float] = {}
     try:
-        validated = tasks.validate(data, cfg, run_dir)
-        prepared = tasks.balance(validated.manifest_path, cfg, run_dir)
-        uploaded = tasks.upload_data_artifacts(run_dir)
+        with _timed(timings, "validate"):
+            validated = tasks.validate(data, cfg, run_dir)
+        with _timed(timings, "balance"):
+            prepared = tasks.balance(validated.manifest_path, cfg, run_dir)
+            uploaded = tasks.upload_data_artifacts(run_dir)
         if uploaded:
             logger.info("data artifacts: %d file(s) under %s", len(uploaded),
                         uploaded[0].rsplit("/", 1)[0])
-        if tuner_workers > 0:
-            trials, best_hp = tasks.distributed_tune(
-                run_dir, cfg, tuner_workers, settings.tuner_worker_deployment,
-                settings.tuner_oracle_host, profile, config)
-        else:
-            trials, best_hp = tasks.tune(run_dir, cfg)
+        with _timed(timings, "tune"):
+            if tuner_workers > 0:
+                trials, best_hp = tasks.distributed_tune(
+                    run_dir, cfg, tuner_workers, settings.tuner_worker_deployment,
+                    settings.tuner_oracle_host, profile, config)
+            else:
+                trials, best_hp = tasks.tune(run_dir, cfg)
         logger.info("search: %d trials, best %s", len(trials), best_hp)
-        trained = tasks.train(run_dir, cfg, best_hp)
-        evaluated = tasks.evaluate(run_dir, cfg, prepared)
-        comparisons, champion = tasks.compare_with_champion(
-            uri, settings.registered_model_name, prepared, cfg.data.image_size,
-            evaluated.predictions_path)
-        decision = tasks.gate(evaluated, cfg, comparisons, champion)
-        refs = tasks.log_results(uri, refs, settings.registered_model_name, cfg, run_dir,
-                                 validated, trials, trained, evaluated, decision)
-        refs = tasks.register(uri, refs, settings.registered_model_name, decision, trained,
-                              evaluated, validated.manifest_hash)
+        with _timed(timings, "train"):
+            trained = tasks.train(run_dir, cfg, best_hp)
+        with _timed(timings, "evaluate"):
+            evaluated = tasks.evaluate(run_dir, cfg, prepared)
+            comparisons, champion = tasks.compare_with_champion(
+                uri, settings.registered_model_name, prepared, cfg.data.image_size,
+                evaluated.predictions_path)
+            decision = tasks.gate(evaluated, cfg, comparisons, champion)
+        with _timed(timings, "log_and_register"):
+            refs = tasks.log_results(uri, refs, settings.registered_model_name, cfg, run_dir,
+                                     validated, trials, trained, evaluated, decision)
+            refs = tasks.register(uri, refs, settings.registered_model_name, decision, trained,
+                                  evaluated, validated.manifest_hash)
     except BaseException:
         _end_parent_run(uri, refs.parent_run_id)
         raise
@@ -110,7 +120,10 @@ def retrain_flow(data_dir: str | None = None, profile: str = "quick",
         "gate_passed": decision.passed,
         "data_artifacts": uploaded,
         "test_metrics": evaluated.evaluation.point(),
+        "trials": len(trials),
+        "stage_seconds": {k: round(v, 1) for k, v in timings.items()},
     }
+    logger.info("stage times (s): %s", result["stage_seconds"])
     create_markdown_artifact(key="retrain-summary",
                              markdown=_summary_markdown(result, decision, evaluated.evaluation),
                              description="Test metrics, gate decision and registry outcome")
@@ -125,6 +138,16 @@ def retrain_flow(data_dir: str | None = None, profile: str = "quick",
         raise GateRejected(f"gates rejected the candidate (logged, not registered):\n"
                            f"{decision.summary()}", decision)
     return result
+
+
+@contextmanager
+def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    """Record the wall time of a stage (reported in the result and the benchmarks)."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - t0
 
 
 def _run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:

@@ -112,6 +112,9 @@ def test_retrain_end_to_end_registers_and_stores_in_s3(env, data, tracking, s3, 
     assert state.is_completed(), state.message
     result = state.result()
     assert result["model_version"] == "1" and result["gate_passed"] is True
+    assert set(result["stage_seconds"]) == {"validate", "balance", "tune", "train", "evaluate",
+                                            "log_and_register"}
+    assert result["trials"] == 2 and all(v >= 0 for v in result["stage_seconds"].values())
     assert result["mlflow_run_url"].startswith(f"{tracking.url}/#/experiments/")
     # Artifacts of the MLflow server and the run's data artifacts are objects in the bucket.
     c = boto3.client("s3", endpoint_url=s3[0], aws_access_key_id="test-key-id",
@@ -136,6 +139,9 @@ def test_retrain_end_to_end_registers_and_stores_in_s3(env, data, tracking, s3, 
     final = next(r for r in children if r.data.tags["cxr.stage"] == "final")
     assert "test_recall" in final.data.metrics and "test_recall_ci_low" in final.data.metrics
     assert "robust_worst_accuracy" in final.data.metrics  # the robustness report is logged
+    # The shifted validation set is scored every epoch, in trials and the final training.
+    assert "val_shift_auc" in final.data.metrics
+    assert all("val_shift_auc" in r.data.metrics for r in children)
     assert "robust_jpeg_q30_accuracy" in final.data.metrics
     assert (Path(result["run_dir"]) / "evaluation" / "robustness.csv").is_file()
     assert final.data.tags["cxr.manifest_hash"] and final.data.tags["cxr.git_commit"]
@@ -309,11 +315,14 @@ def test_flow_killed_during_tuning_resumes_without_rerunning_trials(data, tmp_pa
     assert done, "no trial finished before the deadline"
     stamps = {p: p.stat().st_mtime_ns for p in home.glob("runs/*/tuner/search/trial_*/epochs.json")}
     (run_dir,) = list((home / "runs").iterdir())
-    out = subprocess.run(cmd + ["--resume", run_dir.name], env=env, capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run(cmd + ["--resume", run_dir.name, "--json-out", str(tmp_path / "r.json")],
+                         env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     for path, stamp in stamps.items():
         assert path.stat().st_mtime_ns == stamp, f"{path.parent.name} was rerun"
     trials = list(run_dir.glob("tuner/search/trial_*/epochs.json"))
     assert len(trials) == 3
     assert "registered models:/cxr-pneumonia/1" in out.stdout
+    written = json.loads((tmp_path / "r.json").read_text())
+    assert written["model_version"] == "1" and written["trials"] == 3
+    assert "tune" in written["stage_seconds"] and "stage times" in out.stdout

@@ -42,3 +42,37 @@ def test_report_covers_every_shift_and_finds_a_fragile_model(images) -> None:
     assert flat["robust_worst_accuracy"] == report.worst("accuracy")
     assert "robust_jpeg_q30_roc_auc" in flat
     assert report.rows()[0]["condition"] == "clean" and len(report.rows()) == 1 + len(PERTURBATIONS)
+
+
+def test_shifted_copy_perturbs_every_image_once_and_repeats(images) -> None:
+    from cxr_core.robustness import shifted_copy
+
+    many = np.concatenate([images] * 8)  # 48 images: every shift is drawn for some
+    out = shifted_copy(many, seed=3)
+    assert out.shape == many.shape and out.min() >= 0 and out.max() <= 255
+    changed = np.abs(out - many).mean(axis=(1, 2, 3)) > 0.1
+    assert changed.mean() > 0.9
+    assert np.array_equal(out, shifted_copy(many, seed=3))
+    assert not np.array_equal(out, shifted_copy(many, seed=4))
+
+
+def test_shifted_validation_adds_metrics_that_early_stopping_can_read(images) -> None:
+    import keras
+
+    from cxr_core.model import build_cnn
+    from cxr_core.robustness import shifted_validation_callback
+
+    y = np.array([0, 1, 0, 1, 0, 1], np.float32)
+    model = build_cnn(32, blocks=3, base_filters=8, seed=0)
+    seen: list[float] = []
+
+    class Reader(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            seen.append(logs["val_shift_auc"])
+
+    stop = keras.callbacks.EarlyStopping(monitor="val_shift_auc", mode="max", patience=1)
+    history = model.fit(images, y, epochs=2, verbose=0, validation_data=(images, y),
+                        callbacks=[shifted_validation_callback(images, y), Reader(), stop])
+    assert len(seen) == 2 and all(0.0 <= v <= 1.0 for v in seen)
+    assert history.history["val_shift_auc"] == seen
+    assert 0.0 <= history.history["val_shift_accuracy"][-1] <= 1.0

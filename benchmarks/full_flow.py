@@ -1,0 +1,73 @@
+"""Benchmark: the whole retraining flow (`cxr run`) on a data set: wall time, the time of
+each stage, tuner trials, peak memory, and the registered model's test metrics.
+
+Runs `cxr run --data-dir DATA --profile PROFILE` in a subprocess with a fresh state home
+(its own sqlite MLflow store and a temporary Prefect server), so nothing of an earlier run
+is reused. Peak RSS is the largest resident set of the flow process (and any child it
+waited for).
+
+Usage: python benchmarks/full_flow.py [DATA_DIR] [--profile full] [--config FILE]
+           [--json benchmarks/results/full_flow.json]    (DATA_DIR defaults to $CXR_REAL_DATA)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("data_dir", nargs="?", default=os.environ.get("CXR_REAL_DATA"))
+    parser.add_argument("--profile", default="full")
+    parser.add_argument("--config", help="an experiment config file to pass on")
+    parser.add_argument("--home", help="state home to use (default: a fresh temporary one)")
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/full_flow.json"))
+    args = parser.parse_args(argv)
+    if not args.data_dir:
+        parser.error("give DATA_DIR or set CXR_REAL_DATA")
+
+    home = Path(args.home or tempfile.mkdtemp(prefix="cxr-bench-home-"))
+    result_file = home / "result.json"
+    cmd = [sys.executable, "-m", "flows.cli", "run", "--data-dir", args.data_dir,
+           "--profile", args.profile, "--json-out", str(result_file)]
+    if args.config:
+        cmd += ["--config", args.config]
+    env = {**os.environ, "CXR_HOME": str(home)}
+    env.pop("CXR_TRACKING_URI", None)  # the fresh home's own sqlite store
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
+    flow = json.loads(result_file.read_text()) if result_file.is_file() else {}
+    figures = {
+        "benchmark": "full_flow", "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
+        "data_dir": args.data_dir, "profile": args.profile, "exit_code": proc.returncode,
+        "wall_seconds": round(wall, 1), "peak_rss_mb": round(peak_mb),
+        "trials": flow.get("trials"), "stage_seconds": flow.get("stage_seconds"),
+        "model_version": flow.get("model_version"), "threshold": flow.get("threshold"),
+        "test_metrics": {k: round(v, 4) for k, v in (flow.get("test_metrics") or {}).items()
+                         if isinstance(v, float)},
+    }
+    print(json.dumps(figures, indent=2))
+    if proc.returncode:
+        print("\n".join(tail), file=sys.stderr)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(figures, indent=2))
+    return proc.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
