@@ -60,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         "model_version": flow.get("model_version"), "threshold": flow.get("threshold"),
         "test_metrics": {k: round(v, 4) for k, v in (flow.get("test_metrics") or {}).items()
                          if isinstance(v, float)},
+        # Worst value of each metric over the robustness report's acquisition shifts.
+        "robust_worst": {k: round(v, 4) for k, v in (flow.get("robust_worst") or {}).items()},
+        "calibration": flow.get("calibration"),
+        "best_hyperparameters": flow.get("best_hyperparameters"),
     }
     print(json.dumps(figures, indent=2))
     if proc.returncode:

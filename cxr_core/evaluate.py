@@ -305,6 +305,9 @@ def gradcam(model: Any, images: np.ndarray, layer_name: str | None = None,
     if n == 0:
         return np.zeros((0, h, w), np.float32)
 
+    from cxr_core.tta import unwrap
+
+    model = unwrap(model)  # explain the trained model, not the averaging wrapper around it
     layer = model.get_layer(layer_name) if layer_name else _default_cam_layer(model)
     head = _sigmoid_head(model)
     target_out = head.input if head is not None else model.outputs[0]

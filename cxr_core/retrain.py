@@ -297,7 +297,9 @@ def log_results(
         log_metrics(client, final, {**test_metrics, "threshold": t.threshold,
                                     "val_recall_at_threshold": t.recall,
                                     "val_specificity_at_threshold": t.specificity,
-                                    "epochs_trained": trained.epochs_trained})
+                                    "epochs_trained": trained.epochs_trained,
+                                    **{f"calibration_{k}": v for k, v in
+                                       (trained.calibration or {}).items()}})
         log_metrics(client, final, evaluated.robustness)
         log_metrics(client, refs.parent_run_id, {**test_metrics, **evaluated.robustness})
         manifest = read_manifest(validated.manifest_path)

@@ -93,6 +93,7 @@ class TrainedModel:
     history: dict[str, list[float]] = field(default_factory=dict)
     epochs_trained: int = 0
     best_epoch: int = 0
+    calibration: dict[str, float] | None = None  # Platt scaling folded into the model
 
 
 def predict_proba(model: Any, dataset: Any) -> np.ndarray:
@@ -120,10 +121,16 @@ def train_final(
     label_smoothing: float = 0.0,
     monitor: str = "val_auc",
     callbacks: list[Any] | None = None,
+    calibrate: bool = False,
+    tta: bool = False,
 ) -> TrainedModel:
     """Retrain the best hyperparameters with early stopping on ``monitor`` (the search's
     objective; best weights restored), choose the threshold on validation, save model and
     threshold. ``callbacks`` run before early stopping (they may add the monitored metric).
+    With ``calibrate``, Platt scaling fitted on validation is folded into the output layer
+    before the threshold is chosen (see :mod:`cxr_core.calibrate`). With ``tta``, the saved
+    model averages the image and a centre-crop view (:mod:`cxr_core.tta`), and the threshold
+    is chosen on that average.
 
     ``val_ds`` must not be shuffled: its order has to match ``val_labels``.
     """
@@ -156,7 +163,25 @@ def train_final(
     if class_weight:
         fit_kwargs["class_weight"] = class_weight
     history = model.fit(train_ds, **fit_kwargs).history
-    choice = choose_threshold(val_labels, predict_proba(model, val_ds), recall_target)
+    val_prob = predict_proba(model, val_ds)
+    calibration = None
+    if calibrate:
+        from cxr_core.calibrate import fit_platt, fold_into_model
+
+        try:
+            scaling = fit_platt(val_prob, val_labels)
+        except ValueError as exc:  # a model this bad fails the gates; no reason to crash here
+            print(f"[final training] calibration skipped: {exc}", flush=True)
+        else:
+            fold_into_model(model, scaling)
+            calibration = scaling.as_dict()
+            val_prob = predict_proba(model, val_ds)
+    if tta:
+        from cxr_core.tta import with_tta
+
+        model = with_tta(model, image_size)
+        val_prob = predict_proba(model, val_ds)
+    choice = choose_threshold(val_labels, val_prob, recall_target)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -171,6 +196,7 @@ def train_final(
         history={k: [float(v) for v in vals] for k, vals in history.items()},
         epochs_trained=len(val_auc),
         best_epoch=int(np.argmax(val_auc)) + 1 if val_auc else 0,
+        calibration=calibration,
     )
 
 

@@ -156,7 +156,8 @@ def train_best(best_hp: dict[str, Any], datasets: Datasets, cfg: ExperimentConfi
         steps_per_epoch=datasets.steps_per_epoch, class_weight=datasets.class_weight,
         verbose=verbose, intensity_norm=cfg.train.intensity_norm,
         label_smoothing=cfg.train.label_smoothing, monitor=cfg.tune.objective,
-        callbacks=[shifted_validation(datasets, cfg)],
+        callbacks=[shifted_validation(datasets, cfg)], calibrate=cfg.train.calibrate,
+        tta=cfg.train.tta,
     )
 
 

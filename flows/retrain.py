@@ -120,6 +120,11 @@ def retrain_flow(data_dir: str | None = None, profile: str = "quick",
         "gate_passed": decision.passed,
         "data_artifacts": uploaded,
         "test_metrics": evaluated.evaluation.point(),
+        "robust_worst": {k.removeprefix("robust_worst_"): v
+                         for k, v in evaluated.robustness.items()
+                         if k.startswith("robust_worst_")},
+        "calibration": trained.calibration,
+        "best_hyperparameters": trained.hyperparameters,
         "trials": len(trials),
         "stage_seconds": {k: round(v, 1) for k, v in timings.items()},
     }

@@ -16,7 +16,7 @@ def test_defaults_and_profiles_resolve() -> None:
     quick = load_config(profile="quick")
     full = load_config(profile="full")
     assert base.profile == "default" and quick.profile == "quick"
-    assert quick.data.image_size == 64 and full.data.image_size == 128
+    assert quick.data.image_size == 96 and full.data.image_size == 128
     assert quick.tune.max_trials < full.tune.max_trials
     # A profile overrides only what it names; the rest comes from defaults.
     assert quick.balance == base.balance
@@ -63,7 +63,7 @@ def test_missing_config_file(tmp_path: Path) -> None:
 
 def test_flat_view_has_dotted_keys() -> None:
     flat = load_config(profile="quick").flat()
-    assert flat["data.image_size"] == 64 and flat["gates.min_recall"] == 0.80
+    assert flat["data.image_size"] == 96 and flat["gates.min_recall"] == 0.80
 
 
 def test_deep_merge_does_not_mutate() -> None:

@@ -107,11 +107,14 @@ def test_retrain_end_to_end_registers_and_stores_in_s3(env, data, tracking, s3, 
     from cxr_core.tracking import make_client
     from flows.retrain import retrain_flow
 
-    state = retrain_flow(data_dir=str(data), profile="quick", config=_config(tmp_path),
-                         return_state=True)
+    # Calibration and test-time augmentation on: the wrapped model must survive logging,
+    # registration, Grad-CAM figures and loading through models:/.
+    config = _config(tmp_path, train={"calibrate": True, "tta": True})
+    state = retrain_flow(data_dir=str(data), profile="quick", config=config, return_state=True)
     assert state.is_completed(), state.message
     result = state.result()
     assert result["model_version"] == "1" and result["gate_passed"] is True
+    assert "accuracy" in result["robust_worst"] and "calibration" in result
     assert set(result["stage_seconds"]) == {"validate", "balance", "tune", "train", "evaluate",
                                             "log_and_register"}
     assert result["trials"] == 2 and all(v >= 0 for v in result["stage_seconds"].values())
@@ -129,6 +132,7 @@ def test_retrain_end_to_end_registers_and_stores_in_s3(env, data, tracking, s3, 
     # The registered model loads through its models:/ URI.
     loaded = load_model("models:/cxr-pneumonia/1", tracking.url)
     assert loaded.image_size == 32 and 0 < loaded.threshold < 1
+    assert loaded.model.name == "cxr_cnn_tta"
     # One parent run with nested trial runs and the final run.
     client = make_client(tracking.url)
     parent = client.get_run(result["mlflow_run_id"])

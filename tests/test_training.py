@@ -71,10 +71,13 @@ def test_interrupted_search_resumes_without_rerunning(tiny_data: Path, tmp_path:
     assert second[0].hyperparameters == first[0].hyperparameters
 
 
-def test_final_model_reloads_predicts_same_and_meets_recall(tiny_data: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("calibrate,tta", [(False, False), (True, True)])
+def test_final_model_reloads_predicts_same_and_meets_recall(tiny_data: Path, tmp_path: Path,
+                                                           calibrate: bool, tta: bool) -> None:
     from cxr_core.train import load_model, predict_proba
+    from cxr_core.tta import WRAPPER_NAME
 
-    cfg = tiny_config()
+    cfg = tiny_config(train={"calibrate": calibrate, "tta": tta})
     ds = _datasets(tiny_data, cfg)
     hp = {"blocks": 3, "base_filters": 16, "separable": False, "residual": False,
           "dropout": 0.2, "dense_units": 0, "learning_rate": 1e-3}
@@ -90,6 +93,11 @@ def test_final_model_reloads_predicts_same_and_meets_recall(tiny_data: Path, tmp
 
     p2 = predict_proba(keras.models.load_model(trained.model_path), ds.val)
     assert np.allclose(p1, p2, atol=1e-6)
+    # Calibration is folded into the saved model (the threshold was chosen on its output).
+    assert (trained.calibration is not None) == calibrate
+    if calibrate:
+        assert trained.calibration["a"] > 0
+    assert (model.name == WRAPPER_NAME) == tta
 
 
 def _free_port() -> int:
