@@ -15,26 +15,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
+
+from _common import add_data_and_json_args, parse_with_data, write_results
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("data_dir", nargs="?", default=os.environ.get("CXR_REAL_DATA"))
+    add_data_and_json_args(parser, "full_flow")
     parser.add_argument("--profile", default="full")
     parser.add_argument("--config", help="an experiment config file to pass on")
     parser.add_argument("--home", help="state home to use (default: a fresh temporary one)")
-    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/full_flow.json"))
-    args = parser.parse_args(argv)
-    if not args.data_dir:
-        parser.error("give DATA_DIR or set CXR_REAL_DATA")
+    args = parse_with_data(parser, argv)
 
     home = Path(args.home or tempfile.mkdtemp(prefix="cxr-bench-home-"))
     result_file = home / "result.json"
@@ -51,9 +48,6 @@ def main(argv: list[str] | None = None) -> int:
     tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
     flow = json.loads(result_file.read_text()) if result_file.is_file() else {}
     figures = {
-        "benchmark": "full_flow", "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-        "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
         "data_dir": args.data_dir, "profile": args.profile, "exit_code": proc.returncode,
         "wall_seconds": round(wall, 1), "peak_rss_mb": round(peak_mb),
         "trials": flow.get("trials"), "stage_seconds": flow.get("stage_seconds"),
@@ -68,8 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(figures, indent=2))
     if proc.returncode:
         print("\n".join(tail), file=sys.stderr)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(figures, indent=2))
+    write_results(args.json, "full_flow", figures, argv)
     return proc.returncode
 
 

@@ -13,12 +13,12 @@ Usage: python benchmarks/input_pipeline.py [DATA_DIR] [--image-size 128] [--json
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
+
+from _common import add_data_and_json_args, parse_with_data, write_results
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -42,21 +42,15 @@ def _epoch(ds) -> tuple[int, float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("data_dir", nargs="?", default=os.environ.get("CXR_REAL_DATA"))
+    add_data_and_json_args(parser, "input_pipeline")
     parser.add_argument("--image-size", type=int, default=128)
-    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/input_pipeline.json"),
-                        help="where the figures are written (JSON)")
-    args = parser.parse_args()
-    if not args.data_dir:
-        print("give DATA_DIR or set CXR_REAL_DATA", file=sys.stderr)
-        return 2
+    args = parse_with_data(parser)
     size = args.image_size
     configure_tensorflow()  # TensorFlow's default thread pools, set before the first op
     import keras
 
     cores = os.cpu_count() or 1
     figures: dict[str, object] = {"data_dir": str(args.data_dir), "cpu_cores": cores,
-                                  "machine": platform.processor() or platform.machine(),
                                   "image_size": size, "batch_size": BATCH}
     cfg = load_config(profile="full")
     # The scan reads every file once, so both pipelines below start with a warm OS page cache.
@@ -104,9 +98,7 @@ def main() -> int:
     figures["ratio_warm_over_cold"] = round(warm / cold, 2)
     figures["ratio_cxr_cold_over_keras"] = round(cold / keras_rate, 2)
     figures["ratio_cxr_warm_over_keras"] = round(warm / keras_rate, 2)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(figures, indent=2))
+    write_results(args.json, "input_pipeline", figures)
     return 0
 
 

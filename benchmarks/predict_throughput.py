@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
 import statistics
 import sys
@@ -18,21 +17,17 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import add_data_and_json_args, parse_with_data, write_results
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("data_dir", nargs="?", default=os.environ.get("CXR_REAL_DATA"))
+    add_data_and_json_args(parser, "predict_throughput")
     parser.add_argument("--model", help="models:/..., runs:/... or a model folder")
     parser.add_argument("--tracking-uri", default=os.environ.get("CXR_TRACKING_URI"))
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--latency-samples", type=int, default=200)
-    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/predict_throughput.json"),
-                        help="where the figures are written (JSON)")
-    args = parser.parse_args()
-    if not args.data_dir:
-        print("give DATA_DIR or set CXR_REAL_DATA", file=sys.stderr)
-        return 2
+    args = parse_with_data(parser)
     from cxr_core.predict import LoadedModel, load_model, predict_paths
 
     if args.model:
@@ -71,18 +66,9 @@ def main() -> int:
           f"{len(latencies)} samples)")
     print(f"targets : >= 500 images/s {'MET' if throughput >= 500 else 'NOT MET'}; "
           f"median < 20 ms {'MET' if med < 20 else 'NOT MET'}")
-    if args.json:
-        import platform
-        from datetime import UTC, datetime
-
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
-            "benchmark": "predict_throughput",
-            "date": datetime.now(UTC).isoformat(timespec="seconds"),
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-            "command": "python " + " ".join(sys.argv),
-            "images_per_s": throughput, "latency_median_ms": med, "latency_p95_ms": p95,
-            "images": len(preds)}, indent=2))
+    write_results(args.json, "predict_throughput", {
+        "images_per_s": throughput, "latency_median_ms": med, "latency_p95_ms": p95,
+        "images": len(preds)})
     return 0
 
 

@@ -17,11 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
+
+from _common import add_data_and_json_args, parse_with_data, write_results
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -58,15 +58,12 @@ VARIANTS: dict[str, dict] = {
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("data_dir", nargs="?", default=os.environ.get("CXR_REAL_DATA"))
+    add_data_and_json_args(parser, "robust_training")
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--patience", type=int, default=4)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--work", default="/tmp/cxr-robust-bench")
-    parser.add_argument("--json", default="benchmarks/results/robust_training.json")
-    args = parser.parse_args(argv)
-    if not args.data_dir:
-        parser.error("give DATA_DIR or set CXR_REAL_DATA")
+    args = parse_with_data(parser, argv)
 
     import numpy as np
 
@@ -138,16 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(row), flush=True)
         keras.backend.clear_session()
 
-    result = {
-        "benchmark": "robust_training", "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or ''}",
-        "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
+    write_results(args.json, "robust_training", {
         "data_dir": args.data_dir, "test_images": int(len(test)),
         "image_size": base.data.image_size, "hyperparameters": hp, "rows": rows,
-    }
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    }, argv)
     cols = ("variant", "test_accuracy", "test_recall", "test_specificity", "test_roc_auc",
             "test_ece",
             "shift_mean_accuracy", "shift_worst_accuracy", "shift_worst_specificity",

@@ -6,12 +6,12 @@ Usage: python benchmarks/scan.py [DATA_DIR]   (default: $CXR_REAL_DATA)
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
+
+from _common import add_data_and_json_args, parse_with_data, write_results
 
 from cxr_core.config import load_config
 from cxr_core.dataset import validate_dataset
@@ -20,16 +20,10 @@ from cxr_core.manifest import scan_dataset
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("data_dir", nargs="?", default=os.environ.get("CXR_REAL_DATA"))
-    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/scan.json"),
-                        help="where the figures are written (JSON)")
-    args = parser.parse_args()
-    if not args.data_dir:
-        print("give DATA_DIR or set CXR_REAL_DATA", file=sys.stderr)
-        return 2
+    add_data_and_json_args(parser, "scan")
+    args = parse_with_data(parser)
     cores = os.cpu_count() or 1
-    figures: dict[str, object] = {"data_dir": str(args.data_dir), "cpu_cores": cores,
-                                  "machine": platform.processor() or platform.machine()}
+    figures: dict[str, object] = {"data_dir": str(args.data_dir), "cpu_cores": cores}
     for workers in sorted({1, cores}):
         t0 = time.perf_counter()
         scan = scan_dataset(Path(args.data_dir), workers=workers)
@@ -45,9 +39,7 @@ def main() -> int:
     dt = time.perf_counter() - t0
     figures["validate_total_s"] = round(dt, 2)
     print(f"validate (scan + splits + GX, all cores): {dt:6.2f} s, passed={report.passed}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(figures, indent=2))
+    write_results(args.json, "scan", figures)
     return 0
 
 

@@ -23,7 +23,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -31,6 +30,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from _common import add_data_and_json_args, parse_with_data, write_results
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -202,23 +203,18 @@ def run_worker(args: argparse.Namespace) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("data_dir", nargs="?", default=os.environ.get("CXR_REAL_DATA"))
+    add_data_and_json_args(parser, "train_throughput")
     parser.add_argument("--images", type=int, default=None,
                         help="training images per model (default: 3 passes over the train split)")
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction, default=False,
                         help="mixed_bfloat16 for the default model (the seed baseline is float32)")
-    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/train_throughput.json"),
-                        help="where the figures are written (JSON)")
     parser.add_argument("--worker", choices=MODELS, help=argparse.SUPPRESS)
     parser.add_argument("--split-file", help=argparse.SUPPRESS)
     parser.add_argument("--result-file", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parse_with_data(parser)
     if args.worker:
         return run_worker(args)
-    if not args.data_dir:
-        print("give DATA_DIR or set CXR_REAL_DATA", file=sys.stderr)
-        return 2
 
     from cxr_core.config import load_config
     from cxr_core.dataset import scan_and_split
@@ -290,8 +286,7 @@ def main() -> int:
           f"AUC {d['val_auc']:.4f} vs {s['val_auc']:.4f}: {'ok' if good else 'lower'})")
 
     if args.json:
-        figures = {"data_dir": str(args.data_dir), "cpu_cores": cores,
-                   "machine": platform.processor() or platform.machine(), "image_size": size,
+        figures = {"data_dir": str(args.data_dir), "cpu_cores": cores, "image_size": size,
                    "batch_size": BATCH, "train_split_images": len(train),
                    "val_split_images": len(val), "train_images_per_model": n_images,
                    "epochs": epochs, "steps_per_epoch": spe,
@@ -299,8 +294,7 @@ def main() -> int:
                    "stream_fingerprint": fingerprint, "models": results,
                    "ratio_img_per_s_default_over_seed": round(speedup, 2),
                    "target_speedup": TARGET_SPEEDUP, "target_met": met}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(figures, indent=2))
+        write_results(args.json, "train_throughput", figures)
     return 0
 
 

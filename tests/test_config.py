@@ -16,12 +16,16 @@ def test_defaults_and_profiles_resolve() -> None:
     quick = load_config(profile="quick")
     full = load_config(profile="full")
     assert base.profile == "default" and quick.profile == "quick"
-    assert quick.data.image_size == 96 and full.data.image_size == 128
+    assert quick.data.image_size == 96 and full.data.image_size == 96
+    assert base.data.image_size == 128
     assert quick.tune.max_trials < full.tune.max_trials
     # A profile overrides only what it names; the rest comes from defaults.
     assert quick.balance == base.balance
     assert {"quick", "full"} <= set(available_profiles())
     assert full.gates.min_recall == 0.95 and full.gates.min_accuracy == 0.90
+    # The full profile ships the robust recipe; the defaults stay plain.
+    assert full.train.calibrate and full.train.tta and full.train.intensity_norm == "standardize"
+    assert not (base.train.calibrate or base.train.tta)
 
 
 def test_user_file_overrides_profile_and_adds_profiles(tmp_path: Path) -> None:
