@@ -70,7 +70,7 @@ class AugmentConfig(_Section):
     gamma_range: tuple[float, float] = (0.8, 1.25)
     horizontal_flip: bool = False
     random_gamma: bool = False   # gamma_range on every training image (input pipeline)
-    max_blur_sigma: float = Field(0.0, ge=0, le=3)      # in-model Gaussian blur, pixels
+    max_blur_sigma: float = Field(0.0, ge=0, le=3)      # random Gaussian blur (input pipeline), pixels
     noise_std: float = Field(0.0, ge=0, le=50)          # Gaussian noise (input pipeline), grey levels
 
 
@@ -86,6 +86,9 @@ class TuneConfig(_Section):
     max_trials: int = Field(12, ge=1)
     max_epochs: int = Field(10, ge=1)
     executions_per_trial: int = Field(1, ge=1)
+    # Trials train on this class-stratified share of the train split (the final training
+    # uses all of it): the search only has to rank models, at a fraction of the time.
+    train_fraction: float = Field(1.0, gt=0, le=1)
 
 
 class TrainConfig(_Section):

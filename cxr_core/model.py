@@ -49,11 +49,7 @@ def augmentation_layers(cfg: AugmentConfig, seed: int) -> list[Any]:
                                                     seed=seed + 4))
     if cfg.horizontal_flip:
         layers.append(keras.layers.RandomFlip("horizontal", seed=seed + 5))
-    # Softer detectors and downsampled exports (noise and gamma are in the input pipeline).
-    if cfg.max_blur_sigma:
-        layers.append(keras.layers.RandomGaussianBlur(
-            factor=1.0, kernel_size=5, sigma=(0.05, cfg.max_blur_sigma), value_range=(0, 255),
-            seed=seed + 6))
+    # Gamma, blur and noise are in the input pipeline (cxr_core.pipeline.photometric).
     return layers
 
 

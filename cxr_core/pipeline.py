@@ -28,6 +28,18 @@ class SplitData:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def sample(self, fraction: float, seed: int) -> SplitData:
+        """A class-stratified random ``fraction`` of the rows (seeded), in the same order."""
+        if fraction >= 1.0:
+            return self
+        rng = np.random.default_rng(seed)
+        keep = np.zeros(len(self.paths), dtype=bool)
+        for label in (0, 1):
+            idx = np.flatnonzero(self.labels == label)
+            n = max(1, round(fraction * len(idx))) if len(idx) else 0
+            keep[rng.choice(idx, size=n, replace=False)] = True
+        return SplitData([p for p, k in zip(self.paths, keep) if k], self.labels[keep])
+
     def class_counts(self) -> dict[str, int]:
         n_pos = int(self.labels.sum())
         return {LABELS[0]: len(self.labels) - n_pos, LABELS[1]: n_pos}
@@ -183,18 +195,40 @@ def mixup(dataset, alpha: float, seed: int):
                                                       deterministic=True)
 
 
-def photometric(dataset, gamma_range: tuple[float, float] | None, noise_std: float, seed: int):
+def gaussian_blur(x, sigma, radius: int = 2):
+    """Blur each image of a ``[n, h, w, 1]`` batch with its own Gaussian ``sigma[i]``
+    (pixels; kernel ``2 * radius + 1`` wide, separable, borders reflected).
+
+    The batch is moved onto the channel axis so one depthwise convolution applies n
+    different kernels at once (measured: 0.5 s for 170 batches of 32 at 96 px on 2 cores,
+    against about 20 s for the training epoch it feeds)."""
+    import tensorflow as tf
+
+    t = tf.range(-radius, radius + 1, dtype=tf.float32)
+    k = tf.exp(-0.5 * tf.square(t[None, :] / tf.reshape(sigma, [-1, 1])))  # [n, taps]
+    k = tf.transpose(k / tf.reduce_sum(k, axis=1, keepdims=True))  # [taps, n]
+    y = tf.transpose(x, [3, 1, 2, 0])  # [1, h, w, n]
+    y = tf.pad(y, [[0, 0], [radius, radius], [radius, radius], [0, 0]], mode="REFLECT")
+    y = tf.nn.depthwise_conv2d(y, k[:, None, :, None], [1, 1, 1, 1], "VALID")
+    y = tf.nn.depthwise_conv2d(y, k[None, :, :, None], [1, 1, 1, 1], "VALID")
+    return tf.transpose(y, [3, 1, 2, 0])
+
+
+def photometric(dataset, gamma_range: tuple[float, float] | None, noise_std: float, seed: int,
+                max_blur_sigma: float = 0.0):
     """Train-time acquisition changes on a batched ``(images 0-255, labels)`` dataset: a
-    random gamma in ``gamma_range`` (log-uniform) per image, then Gaussian noise with a
+    random gamma in ``gamma_range`` (log-uniform) per image, a Gaussian blur with a sigma
+    drawn per image from 0.05 to ``max_blur_sigma`` pixels, then Gaussian noise with a
     standard deviation drawn per image from 0 to ``noise_std`` grey levels. Exposure
-    curves and detector noise differ between scanners and neither is undone by a linear
-    normalization. Lives in the input pipeline because
-    Keras has no gamma layer and its GaussianNoise takes no stddev above 1; deterministic
-    for a seed."""
+    curves, detector sharpness and noise differ between scanners and none of them is undone
+    by a linear normalization. Lives in the input pipeline because Keras has no gamma layer,
+    its GaussianNoise takes no stddev above 1 and its RandomGaussianBlur draws one sigma per
+    batch;
+    deterministic for a seed."""
     import tensorflow as tf
 
     lo, hi = (float(g) for g in (gamma_range or (1.0, 1.0)))
-    if lo == hi == 1.0 and not noise_std:
+    if lo == hi == 1.0 and not noise_std and not max_blur_sigma:
         return dataset
     seeds = tf.data.Dataset.random(seed=seed + 17).batch(2)
 
@@ -205,6 +239,9 @@ def photometric(dataset, gamma_range: tuple[float, float] | None, noise_std: flo
         if (lo, hi) != (1.0, 1.0):
             u = tf.random.stateless_uniform([n, 1, 1, 1], s, minval=np.log(lo), maxval=np.log(hi))
             x = 255.0 * tf.pow(x / 255.0, tf.exp(u))
+        if max_blur_sigma:
+            sigma = tf.random.stateless_uniform([n], s + 2, minval=0.05, maxval=max_blur_sigma)
+            x = gaussian_blur(x, sigma)
         if noise_std:
             sigma = noise_std * tf.random.stateless_uniform([n, 1, 1, 1], s + 1)
             x = x + sigma * tf.random.stateless_normal(tf.shape(x), s[::-1])

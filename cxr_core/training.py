@@ -66,10 +66,14 @@ class Datasets:
     class_weight: dict[int, float] | None
 
 
-def make_datasets(balanced: BalancedTrainSet, cfg: ExperimentConfig) -> Datasets:
-    """Train (shuffled; resampled for ``online``) and validation (fixed order) datasets."""
+def make_datasets(balanced: BalancedTrainSet, cfg: ExperimentConfig,
+                  train_fraction: float = 1.0) -> Datasets:
+    """Train (shuffled; resampled for ``online``) and validation (fixed order) datasets.
+
+    ``train_fraction`` < 1 trains on a class-stratified, seeded sample of the train split
+    (the search's ``tune.train_fraction``); validation is always whole."""
     size, batch = cfg.data.image_size, cfg.train.batch_size
-    train_data = split_data(balanced.manifest, "train")
+    train_data = split_data(balanced.manifest, "train").sample(train_fraction, cfg.seed)
     val_data = split_data(balanced.manifest, "val")
     if not len(val_data):
         from cxr_core.errors import DataValidationError
@@ -82,11 +86,11 @@ def make_datasets(balanced: BalancedTrainSet, cfg: ExperimentConfig) -> Datasets
     else:
         train = make_dataset(train_data, size, batch, shuffle=True, seed=cfg.seed)
     aug = cfg.balance.augment
-    if aug.random_gamma or aug.noise_std:
+    if aug.random_gamma or aug.noise_std or aug.max_blur_sigma:
         from cxr_core.pipeline import photometric
 
         train = photometric(train, aug.gamma_range if aug.random_gamma else None,
-                            aug.noise_std, cfg.seed)
+                            aug.noise_std, cfg.seed, max_blur_sigma=aug.max_blur_sigma)
     if cfg.train.mixup_alpha:
         from cxr_core.pipeline import mixup
 
@@ -228,7 +232,8 @@ def tune_from_manifest(work_dir: Path, cfg: ExperimentConfig, chief: bool = Fals
     configure_tensorflow(cfg.data.intra_op_threads, cfg.data.inter_op_threads)
     manifest = read_manifest(Path(work_dir) / PREPARED_MANIFEST)
     balanced = BalancedTrainSet(manifest, None, _class_weight_for(manifest, cfg))
-    return tune(make_datasets(balanced, cfg), cfg, work_dir, verbose=verbose)
+    return tune(make_datasets(balanced, cfg, cfg.tune.train_fraction), cfg, work_dir,
+                verbose=verbose)
 
 
 def _class_weight_for(manifest: pd.DataFrame, cfg: ExperimentConfig) -> dict[int, float] | None:

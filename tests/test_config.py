@@ -17,6 +17,8 @@ def test_defaults_and_profiles_resolve() -> None:
     full = load_config(profile="full")
     assert base.profile == "default" and quick.profile == "quick"
     assert quick.data.image_size == 96 and full.data.image_size == 96
+    assert full.tune.train_fraction == 0.5 and base.tune.train_fraction == 1.0
+    assert full.train.epochs == 12
     assert base.data.image_size == 128
     assert quick.tune.max_trials < full.tune.max_trials
     # A profile overrides only what it names; the rest comes from defaults.

@@ -220,3 +220,46 @@ def test_photometric_augmentation_changes_images_reproducibly() -> None:
     (again, _), = list(photometric(ds, (0.6, 1.6), 8.0, seed=1))
     assert np.array_equal(out, again.numpy())
     assert photometric(ds, None, 0.0, seed=1) is ds
+
+
+def test_gaussian_blur_matches_scipy_per_image_sigma() -> None:
+    import tensorflow as tf
+    from scipy.ndimage import gaussian_filter
+
+    from cxr_core.pipeline import gaussian_blur
+
+    x = np.random.default_rng(0).uniform(0, 255, (3, 20, 20, 1)).astype(np.float32)
+    sigma = np.array([0.3, 1.0, 2.0], np.float32)
+    out = gaussian_blur(tf.constant(x), tf.constant(sigma)).numpy()
+    for i, s in enumerate(sigma):  # radius 2, reflected borders = scipy's "mirror"
+        ref = gaussian_filter(x[i, :, :, 0], float(s), mode="mirror", truncate=2 / float(s))
+        assert np.abs(out[i, :, :, 0] - ref).max() < 1e-3
+
+
+def test_photometric_blur_softens_edges_reproducibly() -> None:
+    import tensorflow as tf
+
+    from cxr_core.pipeline import photometric
+
+    x = np.zeros((4, 16, 16, 1), np.float32)
+    x[:, :, 8:] = 255.0  # a sharp vertical edge
+    ds = tf.data.Dataset.from_tensor_slices((x, np.zeros(4, np.float32))).batch(4)
+    (out, _), = list(photometric(ds, None, 0.0, seed=3, max_blur_sigma=1.5))
+    out = out.numpy()
+    assert (out[:, :, 7] > 1).all() and (out[:, :, 8] < 254).all()  # the edge is spread
+    assert not np.allclose(out[0], out[1])                          # a sigma per image
+    (again, _), = list(photometric(ds, None, 0.0, seed=3, max_blur_sigma=1.5))
+    assert np.array_equal(out, again.numpy())
+
+
+def test_split_sample_is_stratified_seeded_and_ordered() -> None:
+    from cxr_core.pipeline import SplitData
+
+    data = SplitData([f"img{i:03d}.jpeg" for i in range(100)],
+                     np.array([0] * 30 + [1] * 70, np.int32))
+    half = data.sample(0.5, seed=7)
+    assert half.class_counts() == {"NORMAL": 15, "PNEUMONIA": 35}
+    assert half.paths == sorted(half.paths)
+    assert half.paths == data.sample(0.5, seed=7).paths
+    assert half.paths != data.sample(0.5, seed=8).paths
+    assert data.sample(1.0, seed=7) is data
