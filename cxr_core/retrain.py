@@ -57,6 +57,26 @@ def validate_stage(data_dir: Path, cfg: ExperimentConfig, run_dir: Path) -> Vali
                          report.split_counts, report.passed, report.summary_text())
 
 
+def adopt_validated(validated: ValidatedData, run_dir: Path) -> ValidatedData | None:
+    """A verdict cached from an earlier run, with its manifest and report copied into
+    ``run_dir`` so this run's artifacts do not depend on the earlier run's folder. None
+    when the earlier run's files are gone (removed runs, another state home): validate
+    again rather than fail on a missing file."""
+    import dataclasses
+    import shutil
+
+    run_dir = Path(run_dir)
+    manifest, report = run_dir / "manifest.parquet", run_dir / "validation"
+    if Path(validated.manifest_path) == manifest:
+        return validated
+    if not (Path(validated.manifest_path).is_file() and Path(validated.report_dir).is_dir()):
+        return None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(validated.manifest_path, manifest)
+    shutil.copytree(validated.report_dir, report, dirs_exist_ok=True)
+    return dataclasses.replace(validated, manifest_path=manifest, report_dir=report)
+
+
 def balance_stage(manifest_path: Path, cfg: ExperimentConfig, run_dir: Path) -> Path:
     """Balance the train split; writes and returns the prepared manifest every tuner reads."""
     from cxr_core.manifest import read_manifest, write_manifest

@@ -76,7 +76,7 @@ def retrain_flow(data_dir: str | None = None, profile: str = "quick",
     timings: dict[str, float] = {}
     try:
         with _timed(timings, "validate"):
-            validated = tasks.validate(data, cfg, run_dir)
+            validated = tasks.validated_data(data, cfg, run_dir)
         with _timed(timings, "balance"):
             prepared = tasks.balance(validated.manifest_path, cfg, run_dir)
             uploaded = tasks.upload_data_artifacts(run_dir)

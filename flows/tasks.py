@@ -60,6 +60,17 @@ def validate(data_dir: Path, cfg: ExperimentConfig, run_dir: Path) -> retrain.Va
     return retrain.validate_stage(data_dir, cfg, run_dir)
 
 
+def validated_data(data_dir: Path, cfg: ExperimentConfig, run_dir: Path) -> retrain.ValidatedData:
+    """The validation verdict for this run: cached when the data is unchanged (its manifest
+    and report copied into ``run_dir``), validated again when the cached run's files are
+    gone."""
+    validated = validate(data_dir, cfg, run_dir)
+    adopted = retrain.adopt_validated(validated, run_dir)
+    if adopted is None:
+        return validate.with_options(refresh_cache=True)(data_dir, cfg, run_dir)
+    return adopted
+
+
 @task(name="balance", **COMPUTE)
 def balance(manifest_path: Path, cfg: ExperimentConfig, run_dir: Path) -> Path:
     return retrain.balance_stage(manifest_path, cfg, run_dir)

@@ -207,6 +207,22 @@ def test_validation_is_cached_for_unchanged_data(env, data, tmp_path) -> None:
     assert a.manifest_path == b.manifest_path == tmp_path / "run-a" / "manifest.parquet"
     assert not (tmp_path / "run-b").exists()  # the second call did no work
 
+    @flow
+    def adopt(run: str):
+        return tasks.validated_data(data, cfg, tmp_path / run)
+
+    c = adopt("run-c")  # the cached verdict, its files copied into the new run
+    assert c.manifest_path == tmp_path / "run-c" / "manifest.parquet"
+    assert c.manifest_path.is_file() and (tmp_path / "run-c" / "validation").is_dir()
+    assert c.manifest_hash == a.manifest_hash
+
+    import shutil
+
+    shutil.rmtree(tmp_path / "run-a")  # the cached run's files are gone: validate again
+    d = adopt("run-d")
+    assert d.manifest_path == tmp_path / "run-d" / "manifest.parquet" and d.manifest_path.is_file()
+    assert d.manifest_hash == a.manifest_hash
+
 
 def _counting(monkeypatch, module, name: str) -> list[int]:
     """Count calls of ``module.name`` (each task attempt calls it once)."""
