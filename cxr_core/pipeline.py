@@ -167,21 +167,32 @@ def load_images(paths: Sequence[str], image_size: int) -> np.ndarray:
                                                             np.float32)
 
 
+def _batch_seeds(seed: int, streams: int):
+    """A dataset yielding, for batch i, ``streams`` stateless-RNG seeds ``[seed, streams * i +
+    k]``: a pure function of the config seed and the batch index, so augmentation does not
+    depend on TensorFlow's global seed (``tf.data.Dataset.random`` does, and so changed with
+    whatever else had run in the process)."""
+    import tensorflow as tf
+
+    k = tf.range(streams, dtype=tf.int64)
+    first = tf.fill([streams], tf.constant(seed, tf.int64))
+    return tf.data.Dataset.counter().map(lambda i: tf.stack([first, streams * i + k], axis=1))
+
+
 def mixup(dataset, alpha: float, seed: int):
     """Mixup of a batched ``(images, labels)`` dataset: each image and label is blended with
     another of the same batch with a weight drawn from Beta(alpha, alpha). Deterministic for
-    a seed. A regularizer that keeps predictions from getting overconfident."""
+    a seed, whatever TensorFlow's global seed. A regularizer that keeps predictions from getting overconfident."""
     import tensorflow as tf
 
     if alpha <= 0:
         return dataset
-    seeds = tf.data.Dataset.random(seed=seed).batch(2)
+    seeds = _batch_seeds(seed, 2)
 
     def blend(batch, pair):
         x, y = batch
         n = tf.shape(x)[0]
-        s1 = tf.stack([pair[0], pair[1]])
-        s2 = tf.stack([pair[1], pair[0]])
+        s1, s2 = pair[0], pair[1]
         g1 = tf.random.stateless_gamma([n], s1, alpha=alpha)
         g2 = tf.random.stateless_gamma([n], s2, alpha=alpha)
         lam = g1 / (g1 + g2)
@@ -223,28 +234,26 @@ def photometric(dataset, gamma_range: tuple[float, float] | None, noise_std: flo
     curves, detector sharpness and noise differ between scanners and none of them is undone
     by a linear normalization. Lives in the input pipeline because Keras has no gamma layer,
     its GaussianNoise takes no stddev above 1 and its RandomGaussianBlur draws one sigma per
-    batch;
-    deterministic for a seed."""
+    batch. Deterministic for a seed, whatever TensorFlow's global seed."""
     import tensorflow as tf
 
     lo, hi = (float(g) for g in (gamma_range or (1.0, 1.0)))
     if lo == hi == 1.0 and not noise_std and not max_blur_sigma:
         return dataset
-    seeds = tf.data.Dataset.random(seed=seed + 17).batch(2)
+    seeds = _batch_seeds(seed + 17, 4)
 
-    def apply(batch, pair):
+    def apply(batch, s):
         x, y = batch
         n = tf.shape(x)[0]
-        s = tf.stack([pair[0], pair[1]])
         if (lo, hi) != (1.0, 1.0):
-            u = tf.random.stateless_uniform([n, 1, 1, 1], s, minval=np.log(lo), maxval=np.log(hi))
+            u = tf.random.stateless_uniform([n, 1, 1, 1], s[0], minval=np.log(lo), maxval=np.log(hi))
             x = 255.0 * tf.pow(x / 255.0, tf.exp(u))
         if max_blur_sigma:
-            sigma = tf.random.stateless_uniform([n], s + 2, minval=0.05, maxval=max_blur_sigma)
+            sigma = tf.random.stateless_uniform([n], s[1], minval=0.05, maxval=max_blur_sigma)
             x = gaussian_blur(x, sigma)
         if noise_std:
-            sigma = noise_std * tf.random.stateless_uniform([n, 1, 1, 1], s + 1)
-            x = x + sigma * tf.random.stateless_normal(tf.shape(x), s[::-1])
+            sigma = noise_std * tf.random.stateless_uniform([n, 1, 1, 1], s[2])
+            x = x + sigma * tf.random.stateless_normal(tf.shape(x), s[3])
         return tf.clip_by_value(x, 0.0, 255.0), y
 
     return tf.data.Dataset.zip((dataset, seeds)).map(apply, num_parallel_calls=tf.data.AUTOTUNE,
