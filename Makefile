@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CXR := $(VENV)/bin/cxr
 
-.PHONY: install demo test test-all bench
+.PHONY: install demo test test-fast bench
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -17,13 +17,14 @@ install: $(VENV)/.installed
 demo: install
 	$(CXR) run
 
-# Default suite (excludes tests marked slow); real-data and PostgreSQL tests run when
-# CXR_REAL_DATA / CXR_TEST_POSTGRES_URL are set and skip otherwise.
+# The whole suite, slow and integration tests included (what CI runs). Real-data and PostgreSQL
+# tests run when CXR_REAL_DATA / CXR_TEST_POSTGRES_URL are set and skip otherwise.
 test: install
 	GX_ANALYTICS_ENABLED=false $(PY) -m pytest $(PYTEST_ARGS)
 
-test-all: install
-	GX_ANALYTICS_ENABLED=false $(PY) -m pytest -m "" $(PYTEST_ARGS)
+# The quick loop while developing: no slow tests, no real servers.
+test-fast: install
+	GX_ANALYTICS_ENABLED=false $(PY) -m pytest -m "not slow and not integration" $(PYTEST_ARGS)
 
 # Benchmarks on the real images (set CXR_REAL_DATA); each prints its figures.
 bench: install

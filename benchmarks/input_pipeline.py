@@ -23,9 +23,9 @@ from _common import add_data_and_json_args, parse_with_data, write_results
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from cxr_core.config import load_config  # noqa: E402
-from cxr_core.dataset import scan_and_split  # noqa: E402
-from cxr_core.manifest import find_data_root  # noqa: E402
-from cxr_core.pipeline import configure_tensorflow, make_dataset, split_data  # noqa: E402
+from cxr_core.data.inputs import configure_tensorflow, make_dataset, split_data
+from cxr_core.data.manifest import find_data_root
+from cxr_core.data.splits import scan_and_split
 
 BATCH = 32
 

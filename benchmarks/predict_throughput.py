@@ -28,14 +28,14 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--latency-samples", type=int, default=200)
     args = parse_with_data(parser)
-    from cxr_core.predict import LoadedModel, load_model, predict_paths
+    from cxr_core.lifecycle.predict import LoadedModel, load_model, predict_paths
 
     if args.model:
         loaded = load_model(args.model, args.tracking_uri)
     else:
         import keras_tuner as kt
 
-        from cxr_core.model import CxrHyperModel
+        from cxr_core.training.model import CxrHyperModel
 
         # The search space's default hyperparameters: what a search starts from.
         model = CxrHyperModel(128).build(kt.HyperParameters())

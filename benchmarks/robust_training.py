@@ -68,12 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
 
     from cxr_core.config import ExperimentConfig, deep_merge, load_config
-    from cxr_core.evaluate import point_metrics
-    from cxr_core.manifest import read_manifest
-    from cxr_core.pipeline import configure_tensorflow, load_images
-    from cxr_core.retrain import test_split
-    from cxr_core.robustness import robustness_report
-    from cxr_core.training import BalancedTrainSet, make_datasets, prepare_training_manifest, train_best
+    from cxr_core.data.balance import BalancedTrainSet
+    from cxr_core.data.inputs import configure_tensorflow, load_images, make_datasets
+    from cxr_core.data.manifest import read_manifest
+    from cxr_core.evaluation.metrics import point_metrics
+    from cxr_core.evaluation.robustness import robustness_report
+    from cxr_core.evaluation.scoring import test_split
+    from cxr_core.stages import prepare_stage
+    from cxr_core.training.fit import train_best
 
     # The shipped defaults (plain training) are the baseline every variant changes; the
     # threshold target is the full profile's, as in a real run.
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         "gates": {"recall_target_for_threshold": full.gates.recall_target_for_threshold}}))
     configure_tensorflow(base.data.intra_op_threads, base.data.inter_op_threads)
     work = Path(args.work)
-    manifest_path = prepare_training_manifest(Path(args.data_dir), base, work)
+    manifest_path = prepare_stage(Path(args.data_dir), base, work)
     manifest = read_manifest(manifest_path)
     test = test_split(manifest_path)
     y_test = (test["label"] == "PNEUMONIA").to_numpy(int)

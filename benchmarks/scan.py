@@ -14,8 +14,8 @@ from pathlib import Path
 from _common import add_data_and_json_args, parse_with_data, write_results
 
 from cxr_core.config import load_config
-from cxr_core.dataset import validate_dataset
-from cxr_core.manifest import scan_dataset
+from cxr_core.data.manifest import scan_dataset
+from cxr_core.data.validate import validate_dataset
 
 
 def main() -> int:

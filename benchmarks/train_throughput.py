@@ -45,7 +45,7 @@ def default_arch() -> dict:
     (what a search starts from), without in-model augmentation."""
     import keras_tuner as kt
 
-    from cxr_core.model import CxrHyperModel
+    from cxr_core.training.model import CxrHyperModel
 
     hp = kt.HyperParameters()
     CxrHyperModel(32).build(hp)  # registers the space's defaults in hp
@@ -57,7 +57,7 @@ def default_arch() -> dict:
 def _split_from_json(obj: dict):
     import numpy as np
 
-    from cxr_core.pipeline import SplitData
+    from cxr_core.data.inputs import SplitData
 
     return SplitData(list(obj["paths"]), np.asarray(obj["labels"], np.int32))
 
@@ -68,7 +68,7 @@ def training_stream(train, image_size: int, seed: int, steps: int, rgb: bool):
     Built afresh with the same seed, it yields the same images in the same order."""
     import tensorflow as tf
 
-    from cxr_core.pipeline import make_dataset
+    from cxr_core.data.inputs import make_dataset
 
     ds = make_dataset(train, image_size, BATCH, shuffle=True, seed=seed)
     ds = ds.unbatch().repeat().batch(BATCH, drop_remainder=True).take(steps)
@@ -123,16 +123,17 @@ class RssSampler:
 
 def run_worker(args: argparse.Namespace) -> int:
     """Train one model in this process and write its figures to ``--result-file``."""
-    from cxr_core.pipeline import configure_tensorflow
+    from cxr_core.data.inputs import configure_tensorflow
 
     configure_tensorflow()
     with RssSampler() as sampler:
         import keras
         import tensorflow as tf
+        from seed_baseline import seed_baseline
         from sklearn.metrics import roc_auc_score
 
-        from cxr_core.model import build_cnn, seed_baseline
-        from cxr_core.pipeline import make_dataset
+        from cxr_core.data.inputs import make_dataset
+        from cxr_core.training.model import build_cnn
 
         plan = json.loads(Path(args.split_file).read_text())
         train, val = _split_from_json(plan["train"]), _split_from_json(plan["val"])
@@ -217,8 +218,8 @@ def main() -> int:
         return run_worker(args)
 
     from cxr_core.config import load_config
-    from cxr_core.dataset import scan_and_split
-    from cxr_core.pipeline import configure_tensorflow, split_data
+    from cxr_core.data.inputs import configure_tensorflow, split_data
+    from cxr_core.data.splits import scan_and_split
 
     cfg = load_config(profile="full")
     scan = scan_and_split(Path(args.data_dir), cfg.data, cfg.seed)

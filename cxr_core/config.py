@@ -101,7 +101,7 @@ class TrainConfig(_Section):
     intensity_norm: Literal["none", "standardize"] = "none"
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     mixup_alpha: float = Field(0.0, ge=0, le=2)
-    # Platt scaling fitted on validation, folded into the output layer (cxr_core.calibrate).
+    # Platt scaling fitted on validation, folded into the output layer (cxr_core.training.calibrate).
     calibrate: bool = False
     # Test-time augmentation in the saved model: mean of the image and a 90% centre crop.
     tta: bool = False

@@ -8,7 +8,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.artifacts import create_link_artifact, create_table_artifact
 
-from cxr_core.predict import collect_paths, load_model, predict_paths, write_predictions
+from cxr_core.lifecycle.predict import collect_paths, load_model, predict_paths, write_predictions
 from cxr_core.settings import get_settings
 from flows.tasks import IO_RETRIES
 

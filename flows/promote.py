@@ -7,7 +7,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
-from cxr_core.registry import promote
+from cxr_core.lifecycle.promotion import promote
 from cxr_core.settings import get_settings
 from flows.tasks import IO_RETRIES, mlflow_client
 

@@ -13,14 +13,14 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from cxr_core.config import load_config
 from cxr_core.errors import ConfigError, GateRejected
-from cxr_core.retrain import new_run_dir
 from cxr_core.settings import Settings, get_settings
+from cxr_core.stages import new_run_dir
 from flows import tasks
 
 
 def ensure_demo_data(settings: Settings, n_per_class: int, size: int, seed: int) -> Path:
     """The synthetic demo data set under the state home, generated on first use."""
-    from cxr_core.synth import synthesize_dataset
+    from cxr_core.data.synth import synthesize_dataset
 
     root = settings.demo_data_dir / f"n{n_per_class}-s{size}-seed{seed}"
     if not (root / "train").is_dir():
@@ -29,7 +29,7 @@ def ensure_demo_data(settings: Settings, n_per_class: int, size: int, seed: int)
 
 
 def _summary_markdown(result: dict[str, Any], decision: Any, evaluation: Any) -> str:
-    from cxr_core.model_card import metrics_table
+    from cxr_core.lifecycle.model_card import metrics_table
 
     version = result.get("model_version")
     return f"""# cxr retrain: {'registered version ' + version if version else 'not registered'}
@@ -165,7 +165,7 @@ def _run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
 def _end_parent_run(tracking_uri: str, run_id: str) -> None:
     """Mark the pipeline's MLflow run FAILED; best effort (the original error matters)."""
     try:
-        from cxr_core.tracking import make_client
+        from cxr_core.lifecycle.tracking import make_client
 
         client = make_client(tracking_uri)
         if client.get_run(run_id).info.status == "RUNNING":

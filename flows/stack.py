@@ -10,14 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cxr_core.localserver import (
-    free_port,
-    spawn_detached,
-    start_mlflow_server,
-    stop_group,
-    wait_healthy,
-)
 from cxr_core.settings import Settings
+from flows.servers import free_port, spawn_detached, start_mlflow_server, stop_group, wait_healthy
 
 STATE_FILE = "stack.json"
 DEV_S3_BUCKET = "cxr"
@@ -99,7 +93,7 @@ def up(settings: Settings, with_s3: bool = False, mlflow_port: int = 5000,
             services["s3"] = {"pid": proc.pid, "url": url, "health": f"{url}/moto-api/",
                               "log": str(log)}
             wait_healthy(f"{url}/moto-api/", proc, 60, log)
-            from cxr_core.storage import ensure_bucket, s3_client
+            from cxr_core.lifecycle.storage import ensure_bucket, s3_client
 
             ensure_bucket(s3_client(url, DEV_S3_KEYS["AWS_ACCESS_KEY_ID"],
                                     DEV_S3_KEYS["AWS_SECRET_ACCESS_KEY"]), DEV_S3_BUCKET)

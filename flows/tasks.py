@@ -12,7 +12,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from cxr_core import retrain
+from cxr_core import stages
 from cxr_core.config import ExperimentConfig
 from cxr_core.errors import is_transient
 
@@ -28,7 +28,7 @@ def mlflow_client(tracking_uri: str) -> Any:
     minutes before the task even saw it."""
     import os
 
-    from cxr_core.tracking import make_client
+    from cxr_core.lifecycle.tracking import make_client
 
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
@@ -45,7 +45,7 @@ def _validation_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     """Same files (paths, sizes, mtimes) and same data/validation settings: same verdict."""
     import hashlib
 
-    from cxr_core.manifest import listing_fingerprint
+    from cxr_core.data.manifest import listing_fingerprint
 
     cfg: ExperimentConfig = parameters["cfg"]
     settings = cfg.model_dump_json(include={"seed", "data", "validation"})
@@ -54,18 +54,18 @@ def _validation_cache_key(context: Any, parameters: dict[str, Any]) -> str:
 
 
 @task(name="validate", cache_key_fn=_validation_cache_key, persist_result=True)
-def validate(data_dir: Path, cfg: ExperimentConfig, run_dir: Path) -> retrain.ValidatedData:
+def validate(data_dir: Path, cfg: ExperimentConfig, run_dir: Path) -> stages.ValidatedData:
     """Cached on the data folder's fingerprint and the settings: an unchanged data set is not
     re-validated (a failed validation raises, so it is never cached)."""
-    return retrain.validate_stage(data_dir, cfg, run_dir)
+    return stages.validate_stage(data_dir, cfg, run_dir)
 
 
-def validated_data(data_dir: Path, cfg: ExperimentConfig, run_dir: Path) -> retrain.ValidatedData:
+def validated_data(data_dir: Path, cfg: ExperimentConfig, run_dir: Path) -> stages.ValidatedData:
     """The validation verdict for this run: cached when the data is unchanged (its manifest
     and report copied into ``run_dir``), validated again when the cached run's files are
     gone."""
     validated = validate(data_dir, cfg, run_dir)
-    adopted = retrain.adopt_validated(validated, run_dir)
+    adopted = stages.adopt_validated(validated, run_dir)
     if adopted is None:
         return validate.with_options(refresh_cache=True)(data_dir, cfg, run_dir)
     return adopted
@@ -73,66 +73,66 @@ def validated_data(data_dir: Path, cfg: ExperimentConfig, run_dir: Path) -> retr
 
 @task(name="balance", **COMPUTE)
 def balance(manifest_path: Path, cfg: ExperimentConfig, run_dir: Path) -> Path:
-    return retrain.balance_stage(manifest_path, cfg, run_dir)
+    return stages.balance_stage(manifest_path, cfg, run_dir)
 
 
 @task(name="tune", **COMPUTE)
 def tune(run_dir: Path, cfg: ExperimentConfig) -> tuple[list[Any], dict[str, Any]]:
-    return retrain.tune_stage(run_dir, cfg)
+    return stages.tune_stage(run_dir, cfg)
 
 
 @task(name="train", **COMPUTE)
 def train(run_dir: Path, cfg: ExperimentConfig, best_hp: dict[str, Any]) -> Any:
-    return retrain.train_stage(run_dir, cfg, best_hp)
+    return stages.train_stage(run_dir, cfg, best_hp)
 
 
 @task(name="evaluate", **COMPUTE)
-def evaluate(run_dir: Path, cfg: ExperimentConfig, manifest_path: Path) -> retrain.EvaluatedModel:
-    return retrain.evaluate_stage(run_dir, cfg, manifest_path)
+def evaluate(run_dir: Path, cfg: ExperimentConfig, manifest_path: Path) -> stages.EvaluatedModel:
+    return stages.evaluate_stage(run_dir, cfg, manifest_path)
 
 
 @task(name="start-tracking", **IO_RETRIES)
 def start_tracking(tracking_uri: str, experiment: str, cfg: ExperimentConfig, run_dir: Path,
-                   data_dir: Path, artifact_location: str | None) -> retrain.TrackingRefs:
-    return retrain.start_tracking(mlflow_client(tracking_uri), experiment, cfg, run_dir, data_dir,
+                   data_dir: Path, artifact_location: str | None) -> stages.TrackingRefs:
+    return stages.start_tracking(mlflow_client(tracking_uri), experiment, cfg, run_dir, data_dir,
                                   artifact_location)
 
 
 @task(name="compare-with-champion", **IO_RETRIES)
 def compare_with_champion(tracking_uri: str, model_name: str, manifest_path: Path,
                           image_size: int, predictions: Path) -> tuple[Any, str | None]:
-    return retrain.champion_comparisons(mlflow_client(tracking_uri), model_name, manifest_path,
+    return stages.champion_comparisons(mlflow_client(tracking_uri), model_name, manifest_path,
                                         image_size, predictions)
 
 
 @task(name="gate", **COMPUTE)
-def gate(evaluated: retrain.EvaluatedModel, cfg: ExperimentConfig, comparisons: Any,
+def gate(evaluated: stages.EvaluatedModel, cfg: ExperimentConfig, comparisons: Any,
          champion_version: str | None) -> Any:
-    return retrain.gate_stage(evaluated, cfg, comparisons, champion_version)
+    return stages.gate_stage(evaluated, cfg, comparisons, champion_version)
 
 
 @task(name="log-results", **IO_RETRIES)
-def log_results(tracking_uri: str, refs: retrain.TrackingRefs, model_name: str,
-                cfg: ExperimentConfig, run_dir: Path, validated: retrain.ValidatedData,
-                trials: list[Any], trained: Any, evaluated: retrain.EvaluatedModel,
-                decision: Any) -> retrain.TrackingRefs:
-    return retrain.log_results(mlflow_client(tracking_uri), refs, model_name, cfg, run_dir,
+def log_results(tracking_uri: str, refs: stages.TrackingRefs, model_name: str,
+                cfg: ExperimentConfig, run_dir: Path, validated: stages.ValidatedData,
+                trials: list[Any], trained: Any, evaluated: stages.EvaluatedModel,
+                decision: Any) -> stages.TrackingRefs:
+    return stages.log_results(mlflow_client(tracking_uri), refs, model_name, cfg, run_dir,
                                validated, trials, trained, evaluated, decision)
 
 
 @task(name="register", **IO_RETRIES)
-def register(tracking_uri: str, refs: retrain.TrackingRefs, model_name: str, decision: Any,
-             trained: Any, evaluated: retrain.EvaluatedModel,
-             manifest_hash: str) -> retrain.TrackingRefs:
-    return retrain.register_stage(mlflow_client(tracking_uri), refs, model_name, decision, trained,
+def register(tracking_uri: str, refs: stages.TrackingRefs, model_name: str, decision: Any,
+             trained: Any, evaluated: stages.EvaluatedModel,
+             manifest_hash: str) -> stages.TrackingRefs:
+    return stages.register_stage(mlflow_client(tracking_uri), refs, model_name, decision, trained,
                                   evaluated, manifest_hash)
 
 
 @task(name="upload-data-artifacts", **IO_RETRIES)
 def upload_data_artifacts(run_dir: Path) -> list[str]:
     """Manifest, validation report and lineage to the configured bucket (when one is set)."""
+    from cxr_core.lifecycle.storage import client_from_settings, upload_run_data
     from cxr_core.settings import get_settings
-    from cxr_core.storage import client_from_settings, upload_run_data
 
     settings = get_settings()
     if not settings.s3_bucket:
@@ -163,7 +163,7 @@ def distributed_tune(run_dir: Path, cfg: ExperimentConfig, n_workers: int, deplo
     import subprocess
     import sys
 
-    from cxr_core.localserver import free_port, stop_group
+    from flows.servers import free_port, stop_group
 
     port = free_port()
     log = open(Path(run_dir) / "tuner-chief.log", "wb")  # noqa: SIM115
@@ -185,4 +185,4 @@ def distributed_tune(run_dir: Path, cfg: ExperimentConfig, n_workers: int, deplo
     if chief.returncode != 0:
         tail = (Path(run_dir) / "tuner-chief.log").read_text(errors="replace")[-2000:]
         raise RuntimeError(f"tuner chief exited with {chief.returncode}:\n{tail}")
-    return retrain.search_results(run_dir, cfg)
+    return stages.search_results(run_dir, cfg)

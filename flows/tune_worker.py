@@ -3,13 +3,12 @@ pool with run_deployment while the chief serves the oracle beside it."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from prefect import flow
 
 from cxr_core.config import load_config
-from cxr_core.training import tune_from_manifest, wait_for_manifest
+from cxr_core.training.search import run_worker
 
 
 @flow(name="tune-worker", log_prints=True)
@@ -18,11 +17,8 @@ def tune_worker_flow(work_dir: str, tuner_id: str, oracle_ip: str, oracle_port: 
                      wait_s: float = 600.0) -> int:
     """Run trials handed out by the chief at ``oracle_ip:oracle_port`` over the shared
     ``work_dir``; returns how many trials this worker ran."""
-    os.environ.update({"KERASTUNER_TUNER_ID": tuner_id, "KERASTUNER_ORACLE_IP": oracle_ip,
-                       "KERASTUNER_ORACLE_PORT": str(oracle_port)})
     cfg = load_config(Path(config) if config else None, profile)
-    wait_for_manifest(Path(work_dir), timeout_s=wait_s)
-    _, trials = tune_from_manifest(Path(work_dir), cfg, chief=False)
+    trials = run_worker(Path(work_dir), cfg, tuner_id, oracle_ip, oracle_port, wait_s)
     mine = [t for t in trials if t.tuner_id == tuner_id]
     print(f"worker {tuner_id}: ran {len(mine)} of {len(trials)} trials")
     return len(mine)

@@ -1,0 +1,1 @@
+"""Evaluation: metrics with intervals, figures, acquisition shifts, gates and shortcut audits."""

@@ -1,0 +1,2 @@
+"""Lifecycle: MLflow tracking, the model registry and promotion, model cards, prediction and
+S3 storage."""

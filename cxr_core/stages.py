@@ -1,0 +1,190 @@
+"""The retraining pipeline as plain functions, one per flow stage:
+
+validate -> balance -> tune -> train -> evaluate -> gate -> track & register.
+
+Each stage is a few lines over :mod:`cxr_core.data`, :mod:`cxr_core.training`,
+:mod:`cxr_core.evaluation` and :mod:`cxr_core.lifecycle`, and takes and returns plain values
+(paths, dataclasses), so the orchestrator (flows/) wraps each in a task and tests or notebooks
+call them directly. State lives in the run's work directory, so a rerun of the same run
+resumes (the tuner skips completed trials).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cxr_core.config import ExperimentConfig
+from cxr_core.errors import DataValidationError
+from cxr_core.evaluation.scoring import EvaluatedModel, evaluate_test_split, test_split
+from cxr_core.lifecycle.tracking import TrackingRefs, log_pipeline_results, start_pipeline_run
+
+
+def new_run_dir(runs_dir: Path) -> Path:
+    """A fresh, sortable work directory for one pipeline run."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    path = Path(runs_dir) / f"{stamp}-{uuid.uuid4().hex[:6]}"
+    path.mkdir(parents=True, exist_ok=False)
+    return path
+
+
+@dataclass
+class ValidatedData:
+    manifest_path: Path
+    report_dir: Path
+    manifest_hash: str
+    data_root: str
+    split_counts: dict[str, dict[str, int]]
+    passed: bool
+    summary: str
+
+
+def validate_stage(data_dir: Path, cfg: ExperimentConfig, run_dir: Path) -> ValidatedData:
+    """Scan, split and validate; raises DataValidationError (with the summary naming every
+    offending file) when an error-severity check fails."""
+    from cxr_core.data.manifest import write_manifest
+    from cxr_core.data.validate import validate_dataset
+
+    report_dir = Path(run_dir) / "validation"
+    scan, report = validate_dataset(data_dir, cfg.data, cfg.validation, cfg.seed, report_dir)
+    manifest_path = write_manifest(scan.manifest, Path(run_dir) / "manifest.parquet")
+    if not report.passed:
+        raise DataValidationError(report.summary_text(), report)
+    return ValidatedData(manifest_path, report_dir, report.manifest_hash, report.data_root,
+                         report.split_counts, report.passed, report.summary_text())
+
+
+def adopt_validated(validated: ValidatedData, run_dir: Path) -> ValidatedData | None:
+    """A verdict cached from an earlier run, with its manifest and report copied into
+    ``run_dir`` so this run's artifacts do not depend on the earlier run's folder. None
+    when the earlier run's files are gone (removed runs, another state home): validate
+    again rather than fail on a missing file."""
+    import dataclasses
+    import shutil
+
+    run_dir = Path(run_dir)
+    manifest, report = run_dir / "manifest.parquet", run_dir / "validation"
+    if Path(validated.manifest_path) == manifest:
+        return validated
+    if not (Path(validated.manifest_path).is_file() and Path(validated.report_dir).is_dir()):
+        return None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(validated.manifest_path, manifest)
+    shutil.copytree(validated.report_dir, report, dirs_exist_ok=True)
+    return dataclasses.replace(validated, manifest_path=manifest, report_dir=report)
+
+
+def balance_stage(manifest_path: Path, cfg: ExperimentConfig, run_dir: Path) -> Path:
+    """Balance the train split; writes and returns the prepared manifest every tuner reads."""
+    from cxr_core.data.balance import PREPARED_MANIFEST, balance_train_split
+    from cxr_core.data.manifest import read_manifest, write_manifest
+
+    out = Path(run_dir) / PREPARED_MANIFEST
+    if out.is_file():
+        return out
+    balanced = balance_train_split(read_manifest(manifest_path), cfg, run_dir)
+    tmp = out.with_suffix(".tmp.parquet")
+    write_manifest(balanced.manifest, tmp)
+    tmp.replace(out)
+    return out
+
+
+def prepare_stage(data_dir: Path, cfg: ExperimentConfig, run_dir: Path) -> Path:
+    """Validate, then balance: the prepared manifest a distributed search's workers read (a
+    second call finds it and does nothing). Raises DataValidationError before any training."""
+    from cxr_core.data.balance import PREPARED_MANIFEST
+
+    prepared = Path(run_dir) / PREPARED_MANIFEST
+    if prepared.is_file():
+        return prepared
+    return balance_stage(validate_stage(data_dir, cfg, run_dir).manifest_path, cfg, run_dir)
+
+
+def tune_stage(run_dir: Path, cfg: ExperimentConfig, verbose: int = 0) -> tuple[list[Any], dict[str, Any]]:
+    """Search (or resume) over the prepared manifest: (trial results, best hyperparameters)."""
+    from cxr_core.training.search import best_hyperparameters, tune_from_manifest
+
+    tuner, trials = tune_from_manifest(run_dir, cfg, verbose=verbose)
+    best = best_hyperparameters(tuner)
+    (Path(run_dir) / "best_hyperparameters.json").write_text(json.dumps(best, indent=2))
+    return trials, best
+
+
+def search_results(run_dir: Path, cfg: ExperimentConfig) -> tuple[list[Any], dict[str, Any]]:
+    """Read a finished search (e.g. a distributed one) back from ``run_dir/tuner``."""
+    from cxr_core.training.search import best_hyperparameters, collect_trials, tuner_for
+
+    tuner = tuner_for(cfg, run_dir)
+    best = best_hyperparameters(tuner)
+    (Path(run_dir) / "best_hyperparameters.json").write_text(json.dumps(best, indent=2))
+    return collect_trials(tuner), best
+
+
+def train_stage(run_dir: Path, cfg: ExperimentConfig, best_hp: dict[str, Any], verbose: int = 0) -> Any:
+    """Final training of the best hyperparameters; model + threshold under run_dir/model."""
+    from cxr_core.data.balance import PREPARED_MANIFEST, BalancedTrainSet, class_weight_for
+    from cxr_core.data.inputs import configure_tensorflow, make_datasets
+    from cxr_core.data.manifest import read_manifest
+    from cxr_core.training.fit import train_best
+
+    configure_tensorflow(cfg.data.intra_op_threads, cfg.data.inter_op_threads)
+    manifest = read_manifest(Path(run_dir) / PREPARED_MANIFEST)
+    datasets = make_datasets(BalancedTrainSet(manifest, None, class_weight_for(manifest, cfg)), cfg)
+    return train_best(best_hp, datasets, cfg, run_dir, verbose=verbose)
+
+
+def evaluate_stage(run_dir: Path, cfg: ExperimentConfig, manifest_path: Path,
+                   with_figures: bool = True) -> EvaluatedModel:
+    """Score the run's model on the test split at its own threshold (``run_dir/evaluation``)."""
+    from cxr_core.lifecycle.predict import load_model_dir
+
+    loaded = load_model_dir(Path(run_dir) / "model")
+    return evaluate_test_split(loaded.model, loaded.threshold, test_split(manifest_path),
+                               cfg.data.image_size, Path(run_dir) / "evaluation", cfg.seed,
+                               with_figures=with_figures)
+
+
+def gate_stage(evaluated: EvaluatedModel, cfg: ExperimentConfig,
+               comparisons: list[Any] | None, champion_version: str | None) -> Any:
+    """The GateDecision for this candidate (pure)."""
+    from cxr_core.evaluation.gates import decide, thresholds_from_config
+
+    return decide(evaluated.evaluation.metrics, thresholds_from_config(cfg.gates), comparisons,
+                  champion_version, robust_worst_accuracy=evaluated.robustness.get(
+                      "robust_worst_accuracy"))
+
+
+def start_tracking(client: Any, experiment_name: str, cfg: ExperimentConfig, run_dir: Path,
+                   data_dir: Path, artifact_location: str | None = None) -> TrackingRefs:
+    """The parent run of this pipeline run, with the full config as params."""
+    return start_pipeline_run(client, experiment_name, cfg, run_dir, data_dir, artifact_location)
+
+
+def log_results(client: Any, refs: TrackingRefs, model_name: str, cfg: ExperimentConfig,
+                run_dir: Path, validated: ValidatedData, trials: list[Any], trained: Any,
+                evaluated: EvaluatedModel, decision: Any) -> TrackingRefs:
+    """Trials as nested runs and the final training run with its model (see
+    :func:`cxr_core.lifecycle.tracking.log_pipeline_results`)."""
+    return log_pipeline_results(client, refs, model_name, cfg, run_dir, validated, trials,
+                                trained, evaluated, decision)
+
+
+def register_stage(client: Any, refs: TrackingRefs, model_name: str, decision: Any,
+                   trained: Any, evaluated: EvaluatedModel, manifest_hash: str) -> TrackingRefs:
+    """Register the final run's model when the gates passed (idempotent: a retry finds the
+    version it already created), then end the parent run."""
+    from cxr_core.lifecycle.registry import register_if_blessed
+
+    point = evaluated.evaluation.point()
+    version = register_if_blessed(
+        client, model_name, refs.final_run_id, decision, trained.threshold.threshold,
+        manifest_hash, {k: point[k] for k in ("accuracy", "recall", "specificity", "roc_auc")
+                        if k in point})
+    if version:
+        client.set_tag(refs.parent_run_id, "cxr.model_version", version)
+    client.set_terminated(refs.parent_run_id, "FINISHED")
+    return TrackingRefs(refs.experiment_id, refs.parent_run_id, refs.final_run_id, version)

@@ -1,0 +1,2 @@
+"""Training: the architectures, the Keras Tuner search, final training with its threshold,
+calibration and test-time augmentation."""

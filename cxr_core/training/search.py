@@ -1,0 +1,300 @@
+"""Hyperparameter search with Keras Tuner: local, resumable, or distributed.
+
+The oracle decides, the tuner executes. The tuner directory lives under the run's work
+directory, so an interrupted search resumes without redoing completed trials. In distributed
+mode every process runs the same code; Keras Tuner reads its role from the environment
+(KERASTUNER_TUNER_ID=chief|tuner0|..., KERASTUNER_ORACLE_IP, KERASTUNER_ORACLE_PORT).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import keras_tuner as kt
+
+from cxr_core.config import ExperimentConfig
+from cxr_core.data.balance import PREPARED_MANIFEST, BalancedTrainSet, class_weight_for
+from cxr_core.data.inputs import Datasets, make_datasets
+from cxr_core.data.manifest import read_manifest
+from cxr_core.errors import ConfigError, CxrError
+from cxr_core.training.callbacks import monitor_mode, progress_callback, shifted_validation
+
+ROLE_ENV = ("KERASTUNER_TUNER_ID", "KERASTUNER_ORACLE_IP", "KERASTUNER_ORACLE_PORT")
+
+
+@dataclass
+class TrialResult:
+    """One trial as the tracking layer logs it (one nested run per trial)."""
+
+    trial_id: str
+    status: str
+    score: float | None
+    hyperparameters: dict[str, Any]
+    metrics: dict[str, list[float]] = field(default_factory=dict)  # name -> value per epoch
+    best_step: int | None = None
+    tuner_id: str | None = None  # which process ran it (distributed mode)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+EPOCHS_FILE = "epochs.json"
+
+
+class _EpochHistoryMixin:
+    """Keras Tuner keeps only each trial's best epoch; this keeps every epoch's metrics in
+    the trial's directory (shared in distributed mode) so each trial can be logged in full."""
+
+    def run_trial(self, trial: Any, *args: Any, **kwargs: Any) -> Any:
+        kwargs["callbacks"] = [*kwargs.get("callbacks", []),
+                               progress_callback(f"trial {trial.trial_id}")]
+        histories = super().run_trial(trial, *args, **kwargs)  # type: ignore[misc]
+        executions = [h.history for h in histories if hasattr(h, "history")]
+        path = Path(self.get_trial_dir(trial.trial_id)) / EPOCHS_FILE  # type: ignore[attr-defined]
+        path.write_text(json.dumps({
+            "tuner_id": getattr(self, "tuner_id", None),
+            "executions": [{k: [float(v) for v in vals] for k, vals in ex.items()}
+                           for ex in executions],
+        }))
+        return histories
+
+
+class HyperbandTuner(_EpochHistoryMixin, kt.Hyperband):
+    """Hyperband that records per-epoch metrics."""
+
+
+class BayesianTuner(_EpochHistoryMixin, kt.BayesianOptimization):
+    """Bayesian optimisation that records per-epoch metrics."""
+
+
+class RandomTuner(_EpochHistoryMixin, kt.RandomSearch):
+    """Random search that records per-epoch metrics."""
+
+
+def objective(name: str) -> kt.Objective:
+    """A tuner objective on a compiled metric's name (``val_auc``), with its direction."""
+    return kt.Objective(name, direction=monitor_mode(name))
+
+
+def distributed_role() -> str | None:
+    """This process's role in a distributed search, or None when it runs alone."""
+    return os.environ.get("KERASTUNER_TUNER_ID") or None
+
+
+def check_distributed_env() -> None:
+    """Fail early with a clear message when a distributed role lacks its settings."""
+    if distributed_role() is None:
+        return
+    missing = [k for k in ROLE_ENV if not os.environ.get(k)]
+    if missing:
+        raise ConfigError(f"distributed tuning needs {', '.join(missing)} in the environment")
+
+
+def default_distribution_strategy() -> Any | None:
+    """MirroredStrategy when this worker sees several GPUs (one trial on all of them)."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_logical_devices("GPU")
+    return tf.distribute.MirroredStrategy() if len(gpus) > 1 else None
+
+
+def make_tuner(
+    hypermodel: kt.HyperModel,
+    directory: Path,
+    project_name: str = "search",
+    algorithm: str = "hyperband",
+    objective_name: str = "val_auc",
+    max_trials: int = 12,
+    max_epochs: int = 10,
+    executions_per_trial: int = 1,
+    seed: int = 0,
+    distribution_strategy: Any | None = None,
+) -> kt.Tuner:
+    """Build (or reload: ``overwrite=False``) the tuner whose state lives in ``directory``.
+
+    ``max_trials`` counts trials already done, so a rerun only adds the missing ones. A
+    changed search space needs a new ``project_name``.
+    """
+    common = dict(
+        hypermodel=hypermodel,
+        objective=objective(objective_name),
+        seed=seed,
+        directory=str(directory),
+        project_name=project_name,
+        overwrite=False,
+        executions_per_trial=executions_per_trial,
+        distribution_strategy=distribution_strategy,
+        max_consecutive_failed_trials=3,
+    )
+    if algorithm == "hyperband":
+        tuner = HyperbandTuner(max_epochs=max_epochs, factor=3, hyperband_iterations=1, **common)
+        # Hyperband sizes its brackets from max_epochs; the profile's trial budget caps it.
+        tuner.oracle.max_trials = max_trials
+    elif algorithm == "bayesian":
+        tuner = BayesianTuner(max_trials=max_trials, **common)
+    elif algorithm == "random":
+        tuner = RandomTuner(max_trials=max_trials, **common)
+    else:
+        raise ConfigError(f"unknown tuner algorithm {algorithm!r}: hyperband, bayesian or random")
+    return tuner
+
+
+def run_search(tuner: kt.Tuner, train_ds: Any, val_ds: Any, max_epochs: int, patience: int,
+               steps_per_epoch: int | None = None, class_weight: dict[int, float] | None = None,
+               verbose: int = 0, callbacks: list[Any] | None = None) -> list[TrialResult]:
+    """Run (or resume) the search; returns every trial's result. ``callbacks`` run before
+    early stopping, so metrics they add (``val_shift_auc``) can be the objective.
+
+    On the chief of a distributed search this serves the oracle until the workers finish.
+    """
+    import keras
+
+    callbacks = list(callbacks or [])
+    if patience:
+        callbacks.append(keras.callbacks.EarlyStopping(
+            monitor=tuner.oracle.objective.name, mode=tuner.oracle.objective.direction,
+            patience=patience, restore_best_weights=False))
+    fit_kwargs: dict[str, Any] = dict(validation_data=val_ds, epochs=max_epochs, shuffle=False,
+                                      callbacks=callbacks, verbose=verbose)
+    if steps_per_epoch:
+        fit_kwargs["steps_per_epoch"] = steps_per_epoch
+    if class_weight:
+        fit_kwargs["class_weight"] = class_weight
+    tuner.search(train_ds, **fit_kwargs)
+    return collect_trials(tuner)
+
+
+def _trials_of(tuner: kt.Tuner) -> dict[str, Any]:
+    """trial_id -> Trial. A distributed worker's oracle is a gRPC client without the trial
+    table, so it reads the trials the chief saved in the shared directory instead."""
+    oracle = tuner.oracle
+    if type(oracle).__name__ != "OracleClient":
+        return dict(oracle.trials)
+    from keras_tuner.src.engine.trial import Trial
+
+    trials = {}
+    for f in sorted(Path(tuner.project_dir).glob("trial_*/trial.json")):
+        trial = Trial.load(str(f))
+        trials[trial.trial_id] = trial
+    return trials
+
+
+def collect_trials(tuner: kt.Tuner) -> list[TrialResult]:
+    """Per-trial hyperparameters, per-epoch metrics (first execution) and score, in trial
+    order. Trials run by other workers are included: their epochs live in the shared dir."""
+    results = []
+    for trial_id, trial in sorted(_trials_of(tuner).items()):
+        epochs_file = Path(tuner.project_dir) / f"trial_{trial_id}" / EPOCHS_FILE
+        metrics: dict[str, list[float]] = {}
+        tuner_id = None
+        if epochs_file.is_file():
+            record = json.loads(epochs_file.read_text())
+            metrics = record["executions"][0] if record["executions"] else {}
+            tuner_id = record.get("tuner_id")
+        results.append(TrialResult(
+            trial_id=str(trial_id),
+            status=str(trial.status),
+            score=None if trial.score is None else float(trial.score),
+            hyperparameters=dict(trial.hyperparameters.values),
+            metrics=metrics,
+            best_step=trial.best_step,
+            tuner_id=tuner_id,
+        ))
+    return results
+
+
+def best_hyperparameters(tuner: kt.Tuner) -> dict[str, Any]:
+    """The best completed trial's hyperparameter values (Hyperband's bookkeeping removed)."""
+    best = tuner.get_best_hyperparameters(1)
+    if not best:
+        raise CxrError("the search finished no trial successfully")
+    return {k: v for k, v in best[0].values.items() if not k.startswith("tuner/")}
+
+
+def hypermodel_for(cfg: ExperimentConfig) -> Any:
+    """The search space of ``cfg`` (image size, augmentation and robust-training options)."""
+    from cxr_core.training.model import CxrHyperModel
+
+    return CxrHyperModel(cfg.data.image_size, augment=cfg.balance.augment,
+                         mixed_precision=cfg.train.mixed_precision, seed=cfg.seed,
+                         intensity_norm=cfg.train.intensity_norm,
+                         label_smoothing=cfg.train.label_smoothing)
+
+
+def tuner_for(cfg: ExperimentConfig, work_dir: Path, distribution_strategy: Any | None = None) -> kt.Tuner:
+    """The tuner of ``cfg`` whose state lives in ``work_dir/tuner`` (new or resumed): the one
+    place the search, the distributed chief and the read-back of a finished search build it."""
+    return make_tuner(
+        hypermodel_for(cfg), Path(work_dir) / "tuner", algorithm=cfg.tune.algorithm,
+        objective_name=cfg.tune.objective, max_trials=cfg.tune.max_trials,
+        max_epochs=cfg.tune.max_epochs, executions_per_trial=cfg.tune.executions_per_trial,
+        seed=cfg.seed, distribution_strategy=distribution_strategy)
+
+
+def tune(datasets: Datasets, cfg: ExperimentConfig, work_dir: Path,
+         verbose: int = 0) -> tuple[kt.Tuner, list[TrialResult]]:
+    """Run or resume the search whose state lives in ``work_dir/tuner``; returns
+    ``(tuner, trial results)``."""
+    check_distributed_env()
+    tuner = tuner_for(cfg, work_dir, default_distribution_strategy())
+    trials = run_search(tuner, datasets.train, datasets.val, cfg.tune.max_epochs,
+                        cfg.train.early_stopping_patience, datasets.steps_per_epoch,
+                        datasets.class_weight, verbose=verbose,
+                        callbacks=[shifted_validation(datasets, cfg.seed)])
+    return tuner, trials
+
+
+def wait_for_manifest(work_dir: Path, timeout_s: float = 600.0, poll_s: float = 1.0) -> Path:
+    """Block until the chief has prepared the manifest (workers start before it is ready)."""
+    import time
+
+    out = Path(work_dir) / PREPARED_MANIFEST
+    deadline = time.monotonic() + timeout_s
+    while not out.is_file():
+        if time.monotonic() > deadline:
+            raise CxrError(f"{out} did not appear within {timeout_s:.0f} s: is the chief running?")
+        time.sleep(poll_s)
+    return out
+
+
+def tune_from_manifest(work_dir: Path, cfg: ExperimentConfig, chief: bool = False,
+                       verbose: int = 0) -> tuple[kt.Tuner, list[TrialResult]]:
+    """Tune over the prepared manifest in ``work_dir``. The chief of a distributed search
+    builds no datasets: it only serves the oracle."""
+    if chief:
+        check_distributed_env()
+        tuner = tuner_for(cfg, work_dir)
+        tuner.search()  # serves the oracle until the workers are done
+        return tuner, collect_trials(tuner)
+    from cxr_core.data.inputs import configure_tensorflow
+
+    # Before the first op: thread pools, and GPU memory growth so workers can share a card.
+    configure_tensorflow(cfg.data.intra_op_threads, cfg.data.inter_op_threads)
+    manifest = read_manifest(Path(work_dir) / PREPARED_MANIFEST)
+    balanced = BalancedTrainSet(manifest, None, class_weight_for(manifest, cfg))
+    return tune(make_datasets(balanced, cfg, cfg.tune.train_fraction), cfg, work_dir,
+                verbose=verbose)
+
+
+def set_role(tuner_id: str, oracle_ip: str, oracle_port: int) -> None:
+    """Make this process ``tuner_id`` (``chief``, ``tuner0``, ...) of a distributed search:
+    Keras Tuner reads its role from the environment."""
+    os.environ.update({"KERASTUNER_TUNER_ID": tuner_id, "KERASTUNER_ORACLE_IP": oracle_ip,
+                       "KERASTUNER_ORACLE_PORT": str(oracle_port)})
+
+
+def run_worker(work_dir: Path, cfg: ExperimentConfig, tuner_id: str, oracle_ip: str,
+               oracle_port: int, wait_s: float = 600.0) -> list[TrialResult]:
+    """One worker of a distributed search: wait for the chief's prepared manifest, then run
+    the trials the chief hands out until the budget is spent. Returns every trial's result
+    (``tuner_id`` tells which ran here)."""
+    if tuner_id == "chief":
+        raise CxrError("a worker's tuner id must not be 'chief'")
+    set_role(tuner_id, oracle_ip, oracle_port)
+    wait_for_manifest(Path(work_dir), timeout_s=wait_s)
+    _, trials = tune_from_manifest(Path(work_dir), cfg, chief=False)
+    return trials

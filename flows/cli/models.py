@@ -1,0 +1,78 @@
+"""``cxr models list``, ``cxr promote`` and ``cxr rollback``: the registry and its aliases."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from cxr_core.errors import Rejection
+from flows.cli.common import fail, registry_client
+
+app = typer.Typer(help="The model registry: versions, aliases and key metrics.",
+                  no_args_is_help=True)
+
+
+@app.command("list")
+def models_list() -> None:
+    """List registered versions (newest first) with aliases, gate verdict, threshold and test
+    metrics."""
+    from cxr_core.lifecycle.registry import list_versions
+
+    settings, client = registry_client()
+    versions = list_versions(client, settings.registered_model_name)
+    if not versions:
+        typer.echo(f"no versions of {settings.registered_model_name!r} at "
+                   f"{settings.mlflow_tracking_uri}")
+        return
+    typer.echo(f"{'version':>7}  {'aliases':28} {'gates':6} {'threshold':>9}  metrics")
+    for v in versions:
+        metrics = ", ".join(f"{k} {val:.3f}" for k, val in sorted(v.metrics.items()))
+        threshold = f"{v.threshold:.4f}" if v.threshold is not None else "-"
+        typer.echo(f"{v.version:>7}  {','.join(v.aliases) or '-':28} "
+                   f"{'pass' if v.gate_passed else 'FAIL':6} {threshold:>9}  {metrics}")
+
+
+def promote_cmd(
+    version: Annotated[str | None, typer.Argument(
+        help="Version to promote (default: the 'challenger' alias).")] = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Promote despite a failed or impossible champion comparison "
+        "(never despite failed gates). Needs --reason.")] = False,
+    reason: Annotated[str | None, typer.Option("--reason", help="Recorded on the version.")] = None,
+) -> None:
+    """Compare the challenger (or VERSION) with the champion on the same test images
+    (McNemar), then move 'champion' to it and keep the old one as 'previous-champion', with
+    audit tags (who, when, why, comparison)."""
+    from cxr_core.lifecycle.promotion import promote
+
+    settings, client = registry_client()
+    try:
+        result = promote(client, settings.registered_model_name, version, force=force,
+                         reason=reason)
+    except Rejection as exc:
+        fail(str(exc), 1)
+    typer.echo(f"champion -> version {result.promoted_version}"
+               + (f" (previous-champion: {result.previous_champion})"
+                  if result.previous_champion else "") + (" [forced]" if result.forced else ""))
+    if result.comparison:
+        c = result.comparison
+        typer.echo(f"  on {c['shared_images']} shared test images: accuracy "
+                   f"{c['candidate_accuracy']:.3f} vs {c['champion_accuracy']:.3f}")
+
+
+def rollback_cmd(
+    reason: Annotated[str | None, typer.Option("--reason", help="Recorded on the version.")] = None,
+) -> None:
+    """Restore 'previous-champion' as 'champion' (the replaced version becomes
+    'previous-champion', so a rollback can be undone)."""
+    from cxr_core.lifecycle.promotion import rollback
+
+    settings, client = registry_client()
+    try:
+        result = rollback(client, settings.registered_model_name, reason=reason)
+    except Rejection as exc:
+        fail(str(exc), 1)
+    typer.echo(f"champion -> version {result.promoted_version} (was {result.previous_champion})")
+
+

@@ -1,0 +1,100 @@
+"""Gate decisions: table-driven pass, each failure, and the no-champion case."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from cxr_core.evaluation.gates import (
+    GateThresholds,
+    PairedComparison,
+    decide,
+    mcnemar_exact,
+    paired_comparison,
+)
+
+
+@dataclass(frozen=True)
+class I:  # noqa: E742 - an interval stand-in
+    value: float
+    low: float
+    high: float
+
+
+def metrics(recall=(0.97, 0.95, 0.99), accuracy=(0.93, 0.91, 0.95)):
+    return {"recall": I(*recall), "accuracy": I(*accuracy)}
+
+
+NO_REGRESSION = [PairedComparison("all", 500, 10, 12, mcnemar_exact(10, 12)),
+                 PairedComparison("positives", 300, 3, 4, mcnemar_exact(3, 4))]
+REGRESSION = [PairedComparison("all", 500, 40, 10, mcnemar_exact(40, 10)),
+              PairedComparison("positives", 300, 3, 4, mcnemar_exact(3, 4))]
+
+
+@pytest.mark.parametrize(
+    "name, cand, thr, comps, passed, failing",
+    [
+        ("pass, no champion", metrics(), GateThresholds(), None, True, []),
+        ("recall too low", metrics(recall=(0.90, 0.85, 0.94)), GateThresholds(), None, False,
+         ["min_recall"]),
+        ("accuracy too low", metrics(accuracy=(0.80, 0.75, 0.85)), GateThresholds(), None, False,
+         ["min_accuracy"]),
+        ("both too low", metrics((0.5, 0.4, 0.6), (0.5, 0.4, 0.6)), GateThresholds(), None, False,
+         ["min_recall", "min_accuracy"]),
+        ("lower bound mode fails what the point passes", metrics(recall=(0.96, 0.93, 0.99)),
+         GateThresholds(use_lower_ci_bound=True), None, False, ["min_recall"]),
+        ("pass vs champion", metrics(), GateThresholds(), NO_REGRESSION, True, []),
+        ("significant regression vs champion", metrics(), GateThresholds(), REGRESSION, False,
+         ["no_accuracy_regression"]),
+        ("nan recall fails", metrics(recall=(float("nan"),) * 3), GateThresholds(), None, False,
+         ["min_recall"]),
+    ],
+)
+def test_decide_table(name, cand, thr, comps, passed, failing) -> None:
+    d = decide(cand, thr, comps, champion_version="3" if comps else None)
+    assert d.passed is passed, name
+    assert [c.name for c in d.failed] == failing, name
+    names = [c.name for c in d.checks]
+    assert names[:2] == ["min_recall", "min_accuracy"]
+    if comps is None:
+        assert "no champion" in d.notes[0] and len(d.checks) == 2
+    else:
+        assert {"no_accuracy_regression", "no_recall_regression"} <= set(names)
+    assert ("PASSED" if passed else "REJECTED") in d.summary()
+    assert d.to_dict()["passed"] is passed
+
+
+def test_missing_metric_fails() -> None:
+    d = decide({"recall": I(0.99, 0.98, 1.0)}, GateThresholds())
+    assert not d.passed and d.failed[0].name == "min_accuracy"
+
+
+def test_mcnemar_exact_values() -> None:
+    assert mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(5, 5) == 1.0
+    # b=0, c=6: two-sided exact p = 2 * 0.5**6
+    assert mcnemar_exact(0, 6) == pytest.approx(2 * 0.5**6)
+    assert mcnemar_exact(40, 10) < 0.001
+
+
+def test_paired_comparison_counts() -> None:
+    y = np.array([1, 1, 1, 0, 0, 0])
+    champ = np.array([1, 1, 1, 0, 0, 1])   # 5 right
+    cand = np.array([1, 0, 1, 0, 1, 0])    # 4 right
+    comp = paired_comparison(y, cand, champ)
+    assert (comp.champion_only, comp.candidate_only, comp.n) == (2, 1, 6)
+    pos = paired_comparison(y, cand, champ, subset="positives")
+    assert (pos.champion_only, pos.candidate_only, pos.n) == (1, 0, 3)
+    with pytest.raises(ValueError):
+        paired_comparison(y, cand[:3], champ)
+
+
+def test_optional_robustness_gate() -> None:
+    thr = GateThresholds(min_robust_accuracy=0.85)
+    assert decide(metrics(), thr, robust_worst_accuracy=0.9).passed
+    d = decide(metrics(), thr, robust_worst_accuracy=0.6)
+    assert not d.passed and [c.name for c in d.failed] == ["min_robust_accuracy"]
+    assert not decide(metrics(), thr, robust_worst_accuracy=None).passed  # not measured
+    assert decide(metrics(), GateThresholds(), robust_worst_accuracy=0.1).passed  # off

@@ -1,0 +1,146 @@
+"""Search, resume, final training and distributed tuning on tiny images."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cxr_core.config import ExperimentConfig, load_config
+from cxr_core.data.balance import BalancedTrainSet
+from cxr_core.data.inputs import make_datasets
+from cxr_core.data.splits import scan_and_split
+from cxr_core.training.fit import train_best
+from cxr_core.training.search import best_hyperparameters, tune
+from support.images import make_good_dataset
+
+TINY = {
+    "data": {"image_size": 32, "min_val_images": 0},
+    "validation": {"min_width": 16, "min_height": 16, "min_images_per_class": 2},
+    "tune": {"algorithm": "random", "max_trials": 2, "max_epochs": 2},
+    "train": {"epochs": 2, "batch_size": 16, "early_stopping_patience": 1},
+    "balance": {"strategy": "class_weight"},
+    "gates": {"recall_target_for_threshold": 0.9},
+}
+
+
+def tiny_config(**overrides: dict) -> ExperimentConfig:
+    from cxr_core.config import deep_merge
+
+    base = load_config(profile="quick").model_dump()
+    return ExperimentConfig.model_validate(deep_merge(deep_merge(base, TINY), overrides))
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_good_dataset(tmp_path_factory.mktemp("tiny") / "data", n_patients=10, imgs=2)
+
+
+def _datasets(data_dir: Path, cfg: ExperimentConfig):
+    scan = scan_and_split(data_dir, cfg.data, cfg.seed)
+    return make_datasets(BalancedTrainSet(scan.manifest, None, None), cfg)
+
+
+def test_search_returns_per_trial_results(tiny_data: Path, tmp_path: Path) -> None:
+    cfg = tiny_config()
+    tuner, trials = tune(_datasets(tiny_data, cfg), cfg, tmp_path)
+    assert len(trials) == 2
+    for t in trials:
+        assert t.status == "COMPLETED" and t.score is not None
+        assert len(t.metrics["val_auc"]) >= 1 and "loss" in t.metrics
+        assert "learning_rate" in t.hyperparameters
+    assert (tmp_path / "tuner" / "search").is_dir()  # state under the run's work dir
+    assert "blocks" in best_hyperparameters(tuner)
+
+
+def test_interrupted_search_resumes_without_rerunning(tiny_data: Path, tmp_path: Path) -> None:
+    cfg1 = tiny_config(tune={"max_trials": 1})
+    ds = _datasets(tiny_data, cfg1)
+    _, first = tune(ds, cfg1, tmp_path)
+    assert len(first) == 1
+    done = tmp_path / "tuner" / "search" / f"trial_{first[0].trial_id}" / "epochs.json"
+    stamp = done.stat().st_mtime_ns
+    cfg2 = tiny_config(tune={"max_trials": 2})
+    _, second = tune(ds, cfg2, tmp_path)
+    assert len(second) == 2
+    assert done.stat().st_mtime_ns == stamp  # the completed trial was not rerun
+    assert second[0].hyperparameters == first[0].hyperparameters
+
+
+@pytest.mark.parametrize("calibrate,tta", [(False, False), (True, True)])
+def test_final_model_reloads_predicts_same_and_meets_recall(tiny_data: Path, tmp_path: Path,
+                                                           calibrate: bool, tta: bool) -> None:
+    from cxr_core.lifecycle.predict import load_model_dir
+    from cxr_core.training.fit import load_threshold, predict_proba
+    from cxr_core.training.tta import WRAPPER_NAME
+
+    cfg = tiny_config(train={"calibrate": calibrate, "tta": tta})
+    ds = _datasets(tiny_data, cfg)
+    hp = {"blocks": 3, "base_filters": 16, "separable": False, "residual": False,
+          "dropout": 0.2, "dense_units": 0, "learning_rate": 1e-3}
+    trained = train_best(hp, ds, cfg, tmp_path)
+    assert trained.model_path.is_file() and (tmp_path / "model" / "threshold.json").is_file()
+    loaded = load_model_dir(tmp_path / "model")
+    model, threshold = loaded.model, load_threshold(tmp_path / "model")
+    assert loaded.threshold == threshold.threshold
+    assert threshold == trained.threshold
+    p1 = predict_proba(model, ds.val)
+    assert threshold.recall >= cfg.gates.recall_target_for_threshold
+    assert ((p1 >= threshold.threshold)[ds.val_data.labels == 1]).mean() >= 0.9
+    # Reloaded model predicts the same as the one that chose the threshold.
+    import keras
+
+    p2 = predict_proba(keras.models.load_model(trained.model_path), ds.val)
+    assert np.allclose(p1, p2, atol=1e-6)
+    # Calibration is folded into the saved model (the threshold was chosen on its output).
+    assert (trained.calibration is not None) == calibrate
+    if calibrate:
+        assert trained.calibration["a"] > 0
+    assert (model.name == WRAPPER_NAME) == tta
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.integration
+def test_distributed_search_chief_and_two_workers(tiny_data: Path, tmp_path: Path) -> None:
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(json.dumps({**TINY, "tune": {"algorithm": "random", "max_trials": 4,
+                                                    "max_epochs": 1}}))
+    work = tmp_path / "work"
+    port = str(_free_port())
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
+    common = ["--work-dir", str(work), "--oracle-ip", "127.0.0.1", "--oracle-port", port,
+              "--config", str(cfg_file), "--profile", "quick"]
+    cli = [sys.executable, "-m", "flows.cli", "tune"]
+    logs = {name: open(tmp_path / f"{name}.log", "w") for name in ("chief", "tuner0", "tuner1")}
+    chief = subprocess.Popen(cli + ["chief", "--data-dir", str(tiny_data)] + common,
+                             stdout=logs["chief"], stderr=subprocess.STDOUT, env=env)
+    workers = [subprocess.Popen(cli + ["worker", "--tuner-id", wid] + common,
+                                stdout=logs[wid], stderr=subprocess.STDOUT, env=env)
+               for wid in ("tuner0", "tuner1")]
+    try:
+        for proc in workers + [chief]:
+            proc.wait(timeout=240)
+    finally:
+        for proc in workers + [chief]:
+            if proc.poll() is None:
+                proc.kill()
+    out = {k: (tmp_path / f"{k}.log").read_text() for k in logs}
+    assert chief.returncode == 0, out["chief"][-3000:]
+    assert all(w.returncode == 0 for w in workers), (out["tuner0"][-2000:], out["tuner1"][-2000:])
+    ran_by = []
+    for f in (work / "tuner" / "search").glob("trial_*/epochs.json"):
+        ran_by.append(json.loads(f.read_text())["tuner_id"])
+    assert len(ran_by) == 4
+    assert ran_by.count("tuner0") >= 1 and ran_by.count("tuner1") >= 1, ran_by
+    assert "4 trial(s), 4 scored" in out["chief"]
