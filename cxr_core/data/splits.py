@@ -2,7 +2,8 @@
 
 The official ``val`` folder has 16 images and ``test`` may be absent; a model chosen on
 either would be chosen on noise or not at all. Carving keeps every patient's images in one
-split (no patient leaks between train and the images that judge it).
+split (no patient leaks between train and the images that judge it); the folds come from
+scikit-learn's ``StratifiedGroupKFold``.
 """
 
 from __future__ import annotations
@@ -17,35 +18,76 @@ from cxr_core.config import DataConfig
 from cxr_core.data.labels import LABELS
 from cxr_core.data.manifest import ScanResult, scan_dataset
 
+# A class needs 3 patients (one each for train, val and test) before any of it is carved; with
+# fewer it stays whole in train (a carved split with no patient of a class cannot judge it).
+MIN_PATIENTS_TO_CARVE = 3
+# Carved shares are whole folds of the pool. scikit-learn's greedy costs about one pass over the
+# patients per fold (about 0.35 s CPU per fold for the 2,846 real train patients here), so
+# the fewest folds that meet every fraction to within a percentage point of the pool are used.
+MAX_FOLDS = 20
+FRACTION_TOLERANCE = 0.01
+
 
 class PatientLeakError(AssertionError):
     """Carving produced a patient in two splits (a bug, never expected)."""
 
 
-def _carve(pool: pd.DataFrame, fraction: float, rng: np.random.Generator) -> pd.Index:
-    """Row index of a patient-grouped sample of ``pool`` holding about ``fraction`` per class."""
-    chosen: list[pd.Index] = []
-    for label in LABELS:
-        rows = pool[pool["label"] == label]
-        if rows.empty:
+def _carvable(pool: pd.DataFrame) -> pd.DataFrame:
+    """Rows of ``pool`` that may be carved: patients of a class with too few patients stay in
+    train, with all their images (an id with images in both classes included)."""
+    while True:
+        per_class = pool.groupby("label")["patient_id"].nunique()
+        small = per_class.index[per_class < MIN_PATIENTS_TO_CARVE]
+        if small.empty:
+            return pool
+        held = pool.loc[pool["label"].isin(small), "patient_id"]
+        pool = pool[~pool["patient_id"].isin(held)]
+
+
+def fold_plan(fractions: list[float], max_folds: int = MAX_FOLDS,
+              tolerance: float = FRACTION_TOLERANCE) -> tuple[int, list[int]]:
+    """Fold count ``k`` and folds per carved split, whose shares (folds / k) match ``fractions``.
+
+    Every carved split gets a fold and train keeps at least one. The smallest ``k`` that puts
+    every share within ``tolerance`` wins (0.15 and 0.15 -> 7 folds, one each: 14.3 %; 0.1 and
+    0.3 -> 10 folds, 1 and 3); failing that, the ``k`` with the smallest worst error.
+    """
+    plans = []
+    for k in range(len(fractions) + 1, max_folds + 1):
+        counts = [max(1, round(f * k)) for f in fractions]
+        if sum(counts) >= k:
             continue
-        sizes = rows.groupby("patient_id").size()
-        patients = np.array(sorted(sizes.index))
-        if len(patients) < 3:  # too few patients to give one away and keep train usable
-            continue
-        target = fraction * len(rows)
-        taken, count = [], 0
-        for pid in rng.permutation(patients):
-            if count >= target or len(taken) >= len(patients) - 1:
-                break
-            # Skip a patient that would overshoot by more than half its images, unless
-            # nothing has been taken yet (a carved split needs at least one patient).
-            if taken and count + sizes[pid] - target > sizes[pid] / 2:
-                continue
-            taken.append(pid)
-            count += int(sizes[pid])
-        chosen.append(rows.index[rows["patient_id"].isin(taken)])
-    return chosen[0].append(chosen[1:]) if chosen else pd.Index([])
+        err = max(abs(c / k - f) for c, f in zip(counts, fractions))
+        if err <= tolerance + 1e-9:
+            return k, counts
+        plans.append((err, k, counts))
+    if not plans:
+        raise ValueError(f"no fold plan for fractions {fractions} within {max_folds} folds")
+    _, k, counts = min(plans, key=lambda plan: (plan[0], plan[1]))
+    return k, counts
+
+
+def _carve(pool: pd.DataFrame, fractions: dict[str, float], seed: int) -> dict[str, pd.Index]:
+    """Row index per carved split: whole folds of a seeded ``StratifiedGroupKFold`` over ``pool``
+    (grouped by patient, stratified by label), about ``fractions[split]`` of each class."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    pool = _carvable(pool)
+    if pool.empty or not fractions:
+        return {}
+    # No more folds than the rarest class has patients: the greedy puts each patient in the fold
+    # holding least of its class, so every fold (and every carved split) gets one of each class.
+    max_folds = min(MAX_FOLDS, int(pool.groupby("label")["patient_id"].nunique().min()))
+    k, n_folds = fold_plan(list(fractions.values()), max_folds)
+    sgkf = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    fold = np.empty(len(pool), dtype=int)
+    for i, (_, rows) in enumerate(sgkf.split(np.zeros(len(pool)), pool["label"], pool["patient_id"])):
+        fold[rows] = i
+    carved, first = {}, 0
+    for split, n in zip(fractions, n_folds):
+        carved[split] = pool.index[(fold >= first) & (fold < first + n)]
+        first += n
+    return carved
 
 
 def assign_splits(
@@ -59,13 +101,14 @@ def assign_splits(
 
     - no ``test`` rows: carve test from train (``test_fraction`` of train per class);
     - ``val`` rows fewer than ``min_val_images``: fold them into train and carve val from it.
-    Fractions are of the train pool before carving. Only rows with a known label take part;
-    others keep their folder split so validation can report them where they were found.
+    Fractions are of the train pool before carving, matched in whole folds of
+    scikit-learn's ``StratifiedGroupKFold`` (see :func:`fold_plan`). Every patient id keeps all
+    its images in one split, whatever their labels. Only rows with a known label and patient id
+    take part; others keep their folder split so validation can report them where they were found.
     """
     out = manifest.copy()
     out["split"] = out["folder_split"]
     out["split_origin"] = "folder"
-    rng = np.random.default_rng(seed)
     labelled = out["label"].isin(LABELS)
 
     n_val = int(((out["folder_split"] == "val") & labelled).sum())
@@ -73,23 +116,15 @@ def assign_splits(
         small_val = (out["folder_split"] == "val") & labelled
         out.loc[small_val, "split"] = "train"
         out.loc[small_val, "split_origin"] = "folded"
-    pool_size = {lab: int(((out["split"] == "train") & (out["label"] == lab)).sum()) for lab in LABELS}
 
-    def pool() -> pd.DataFrame:
-        return out[(out["split"] == "train") & labelled]
-
+    fractions: dict[str, float] = {}
     if not ((out["folder_split"] == "test") & labelled).any():
-        idx = _carve(pool(), test_fraction, rng)
-        out.loc[idx, ["split", "split_origin"]] = ["test", "carved"]
+        fractions["test"] = test_fraction
     if not (out["split"] == "val").any() or n_val < min_val_images:
-        # Fraction relative to the pool before the test carve, so val and test sizes match.
-        remaining = pool()
-        per_class = [
-            val_fraction * pool_size[lab] / max(1, int((remaining["label"] == lab).sum()))
-            for lab in LABELS
-        ]
-        idx = _carve(remaining, min(0.9, max(per_class)), rng)
-        out.loc[idx, ["split", "split_origin"]] = ["val", "carved"]
+        fractions["val"] = val_fraction
+    pool = out[(out["split"] == "train") & labelled & out["patient_id"].notna()]
+    for split, rows in _carve(pool, fractions, seed).items():
+        out.loc[rows, ["split", "split_origin"]] = [split, "carved"]
     assert_no_carved_overlap(out)
     return out
 

@@ -117,7 +117,15 @@ def manifest_frame(manifest: pd.DataFrame) -> pd.DataFrame:
     df["patient_in_carved_splits"] = carved.astype(bool)
     df["patient_in_given_splits"] = ((pid_splits > 1) & ~carved).fillna(False).astype(bool)
     df["eight_bit_mode"] = df["mode"].isin(EIGHT_BIT_MODES) | df["mode"].isna()
+    df["patient_in_both_classes"] = df["patient_id"].isin(patients_in_both_classes(df))
     return df
+
+
+def patients_in_both_classes(manifest: pd.DataFrame) -> list[str]:
+    """Inferred patient ids with images under both NORMAL/ and PNEUMONIA/, sorted."""
+    labelled = manifest[manifest["label"].isin(LABELS)]
+    n_labels = labelled.groupby("patient_id")["label"].nunique()
+    return sorted(str(p) for p in n_labels.index[n_labels > 1])
 
 
 def class_count_frame(manifest: pd.DataFrame) -> pd.DataFrame:
@@ -191,6 +199,14 @@ def _expectations(cfg: ValidationConfig) -> dict[str, list[Any]]:
             meta=meta("no_patient_in_given_splits", WARNING,
                       "no inferred patient id in two of the given split folders "
                       "(ids come from file names and may not be true identities)")),
+        # A warning, not an error: ids come from file names, so this is usually two people
+        # sharing a name pattern (or one patient imaged twice), and carving keeps every id's
+        # images in one split whatever their labels, so it cannot leak.
+        gxe.ExpectColumnValuesToBeInSet(
+            column="patient_in_both_classes", value_set=[False],
+            meta=meta("no_patient_in_both_classes", WARNING,
+                      "no inferred patient id has images in both NORMAL/ and PNEUMONIA/ "
+                      "(an id collision or a labelling slip; its images stay in one split)")),
         gxe.ExpectColumnValuesToBeInSet(
             column="eight_bit_mode", value_set=[True],
             meta=meta("eight_bit_gray_or_rgb", WARNING,
@@ -332,6 +348,10 @@ def validate_scan(scan: ScanResult, cfg: ValidationConfig, report_dir: Path | No
             check.observed = ("too little data for the audit" if auc is None else
                               f"ROC-AUC {auc:.3f} from width, height and aspect ratio")
             check.offending, check.n_offending = [], 0
+        elif check.name == "no_patient_in_both_classes" and not check.success:
+            ids = patients_in_both_classes(manifest)
+            listed = ", ".join(ids[:MAX_LISTED]) + (" ..." if len(ids) > MAX_LISTED else "")
+            check.observed = f"{check.observed}; patient id(s): {listed}"
 
     counts = class_count_frame(manifest)
     report = ValidationReport(

@@ -12,7 +12,7 @@ import pytest
 from cxr_core.config import DataConfig, ValidationConfig
 from cxr_core.data.validate import validate_dataset
 from cxr_core.evaluation.shortcuts import shortcut_auc
-from support.images import tree_digest
+from support.images import tree_digest, write_image
 
 # Tiny test images: relax size bounds and counts, keep given val (no carving).
 DATA = DataConfig(min_val_images=0)
@@ -89,6 +89,23 @@ def test_carved_patient_leak_is_an_error(good_dataset: Path, tmp_path: Path) -> 
     report = validate_scan(scan, VALID)
     c = check(report, "no_patient_in_carved_splits")
     assert not c.success and c.severity == "error" and m.loc[val_row, "path"] in c.offending
+
+
+def test_patient_in_both_classes_is_a_named_warning(good_dataset: Path) -> None:
+    # IM-0001 is a NORMAL patient; a PNEUMONIA file with the same name pattern shares its id.
+    normal = sorted((good_dataset / "train" / "NORMAL").glob("IM-0001-*.jpeg"))
+    collision = write_image(good_dataset / "train" / "PNEUMONIA" / "IM-0001-0003.jpeg", 4242)
+    carve = DataConfig(min_val_images=1000)  # fold the given val into train and carve val
+    scan, report = validate_dataset(good_dataset, carve, VALID, seed=0)
+    c = check(report, "no_patient_in_both_classes")
+    assert not c.success and c.severity == "warning"
+    assert "IM-0001" in c.observed
+    assert set(c.offending) == {str(f.resolve()) for f in [*normal, collision]}
+    assert "IM-0001" in report.summary_text()
+    assert report.passed, report.summary_text()  # a warning does not fail the data set
+    m = scan.manifest
+    assert (m["split_origin"] == "carved").any()
+    assert m.loc[m["patient_id"] == "IM-0001", "split"].nunique() == 1
 
 
 def test_duplicates_within_split_are_a_warning(good_dataset: Path) -> None:
