@@ -21,8 +21,8 @@ METRICS = ("accuracy", "recall", "specificity", "precision", "f1", "balanced_acc
            "roc_auc", "pr_auc", "brier", "ece")
 CONFUSION_KEYS = ("tn", "fp", "fn", "tp")
 ECE_BINS = 10
-# Bootstrap resamples are processed in chunks of about this many drawn indices, so memory
-# stays bounded (tens of MB) whatever the test set size.
+# Bootstrap resamples are processed in chunks of about this many image weights (resamples x
+# images), so memory stays bounded (tens of MB) whatever the test set size.
 _CHUNK_ELEMENTS = 1_000_000
 
 
