@@ -6,6 +6,14 @@ each file), so the balanced training set is a fixed artefact that can be hashed 
 ``class_weight`` re-weights the loss instead. Augmented images come only from train and go
 only to train: a variant of a val/test image in train would leak it into the model.
 
+Written variants are training images like any other, so during training they also pass
+through the model's random augmentation layers (``cxr_core.training.model.augmentation_layers``)
+and the input pipeline's photometric changes, every epoch. That is intended: the offline
+variant balances the class counts with a fixed, audited file, and the online draw keeps each
+epoch's copy of it different rather than an identical duplicate. The effective transform of
+a variant is therefore its lineage parameters followed by a fresh random one (bounded by
+the same config), which the lineage table records in its ``also_online_augmented`` column.
+
 Light on purpose (numpy, scipy, Pillow, pandas): no TensorFlow import here.
 """
 
@@ -63,6 +71,8 @@ class AugmentParams:
 PARAM_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(AugmentParams))
 LINEAGE_COLUMNS: list[str] = [
     "path", "source_path", "label", "patient_id", "split", "seed", "variant_index", *PARAM_FIELDS,
+    # True: in training the file also goes through the online random augmentation (see above)
+    "also_online_augmented",
 ]
 
 
@@ -300,7 +310,7 @@ def write_offline_augmentations(manifest: pd.DataFrame, out_dir: Path, target_ra
             lineage.append({
                 "path": str(out_dir / label / name), "source_path": src, "label": label,
                 "patient_id": patient[src], "split": "train", "seed": seed,
-                "variant_index": v, **params.as_dict(),
+                "variant_index": v, **params.as_dict(), "also_online_augmented": True,
             })
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -329,6 +339,7 @@ def write_offline_augmentations(manifest: pd.DataFrame, out_dir: Path, target_ra
 
     table = pd.DataFrame(lineage, columns=LINEAGE_COLUMNS)
     return table.astype({"seed": "int64", "variant_index": "int64", "hflip": bool,
+                         "also_online_augmented": bool,
                          **{f: "float64" for f in PARAM_FIELDS if f != "hflip"}})
 
 

@@ -174,21 +174,41 @@ def load_images(paths: Sequence[str], image_size: int) -> np.ndarray:
 
 
 def _batch_seeds(seed: int, streams: int):
-    """A dataset yielding, for batch i, ``streams`` stateless-RNG seeds ``[seed, streams * i +
-    k]``: a pure function of the config seed and the batch index, so augmentation does not
-    depend on TensorFlow's global seed (``tf.data.Dataset.random`` does, and so changed with
-    whatever else had run in the process)."""
+    """A dataset yielding, for batch i of the e-th pass over it, ``streams`` stateless-RNG
+    seeds ``[seed, e * 2**32 + streams * i + k]``.
+
+    Keras starts a new pass over a finite dataset every epoch, and a plain
+    ``Dataset.counter()`` restarts with it: every epoch would draw the same noise, gamma,
+    blur and mixup weights at each batch position. The pass number comes from a counter
+    variable that each new pass increments, so epoch e of a run draws what epoch e of any
+    run with this seed draws, and no two epochs draw alike; an endless (resampled) stream
+    is one pass whose batch index keeps growing. Nothing depends on TensorFlow's global seed
+    (``tf.data.Dataset.random`` does, and so changed with whatever else had run in the
+    process)."""
     import tensorflow as tf
 
+    with tf.device("/CPU:0"):  # tf.data runs on the CPU: keep the counter beside it
+        passes = tf.Variable(-1, dtype=tf.int64, trainable=False, name="augment_passes")
     k = tf.range(streams, dtype=tf.int64)
     first = tf.fill([streams], tf.constant(seed, tf.int64))
-    return tf.data.Dataset.counter().map(lambda i: tf.stack([first, streams * i + k], axis=1))
+
+    def one_pass(_):
+        epoch = passes.assign_add(1)
+        return tf.data.Dataset.counter().map(
+            lambda i: tf.stack([first, epoch * 2**32 + streams * i + k], axis=1))
+
+    # flat_map hides that the stream is endless; saying so keeps the zipped training data's
+    # length known (Keras warns and shows no progress total for an unknown one).
+    endless = tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY)
+    return tf.data.Dataset.range(1).flat_map(one_pass).apply(endless)
 
 
 def mixup(dataset, alpha: float, seed: int):
     """Mixup of a batched ``(images, labels)`` dataset: each image and label is blended with
-    another of the same batch with a weight drawn from Beta(alpha, alpha). Deterministic for
-    a seed, whatever TensorFlow's global seed. A regularizer that keeps predictions from getting overconfident."""
+    another of the same batch with a weight drawn from Beta(alpha, alpha). A regularizer that
+    keeps predictions from getting overconfident. Every epoch draws new weights and
+    partners; a run is deterministic for a seed, whatever TensorFlow's global seed
+    (:func:`_batch_seeds`)."""
     import tensorflow as tf
 
     if alpha <= 0:
@@ -240,7 +260,8 @@ def photometric(dataset, gamma_range: tuple[float, float] | None, noise_std: flo
     curves, detector sharpness and noise differ between scanners and none of them is undone
     by a linear normalization. Lives in the input pipeline because Keras has no gamma layer,
     its GaussianNoise takes no stddev above 1 and its RandomGaussianBlur draws one sigma per
-    batch. Deterministic for a seed, whatever TensorFlow's global seed."""
+    batch. Every epoch draws new values; a run is deterministic for a seed, whatever
+    TensorFlow's global seed (:func:`_batch_seeds`)."""
     import tensorflow as tf
 
     lo, hi = (float(g) for g in (gamma_range or (1.0, 1.0)))

@@ -23,8 +23,10 @@ class _IntervalLike(Protocol):
 
 @dataclass(frozen=True)
 class GateThresholds:
-    """What a candidate must reach. ``use_lower_ci_bound`` judges the lower end of the 95%
-    interval instead of the point value (stricter on small test sets)."""
+    """What a candidate must reach. ``use_lower_ci_bound`` judges the lower end of the
+    bootstrap interval instead of the point value (stricter on small test sets). The
+    evaluation resamples patients, so that bound reflects how many patients, not images,
+    the test set holds (:func:`cxr_core.evaluation.metrics.evaluate_predictions`)."""
 
     min_recall: float = 0.95
     min_accuracy: float = 0.90

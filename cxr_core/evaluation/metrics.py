@@ -1,5 +1,6 @@
 """Evaluation on held-out images: point metrics at the operating threshold with percentile
-bootstrap confidence intervals and calibration (figures: :mod:`cxr_core.evaluation.figures`).
+bootstrap confidence intervals (patients resampled when their ids are given) and calibration
+(figures: :mod:`cxr_core.evaluation.figures`).
 
 Labels are 0 = NORMAL, 1 = PNEUMONIA; an image is predicted PNEUMONIA when ``p >= threshold``
 (the rule ``choose_threshold`` uses). Undefined metrics (precision without positive
@@ -20,8 +21,8 @@ METRICS = ("accuracy", "recall", "specificity", "precision", "f1", "balanced_acc
            "roc_auc", "pr_auc", "brier", "ece")
 CONFUSION_KEYS = ("tn", "fp", "fn", "tp")
 ECE_BINS = 10
-# Bootstrap resamples are processed in chunks of about this many drawn indices, so memory
-# stays bounded (tens of MB) whatever the test set size.
+# Bootstrap resamples are processed in chunks of about this many image weights (resamples x
+# images), so memory stays bounded (tens of MB) whatever the test set size.
 _CHUNK_ELEMENTS = 1_000_000
 
 
@@ -47,6 +48,8 @@ class Evaluation:
     confidence: float = 0.95
     n_bootstrap: int = 1000
     seed: int = 0
+    resampled: str = "images"        # the bootstrap's unit: "patients" or "images"
+    n_clusters: int | None = None    # how many of them there were
 
     def point(self) -> dict[str, float]:
         """Metric name -> point value."""
@@ -73,6 +76,8 @@ class Evaluation:
             "confidence": self.confidence,
             "n_bootstrap": self.n_bootstrap,
             "seed": self.seed,
+            "resampled": self.resampled,
+            "n_clusters": self.n_clusters,
             "metrics": {name: {"value": _json_float(iv.value), "low": _json_float(iv.low),
                                "high": _json_float(iv.high)} for name, iv in self.metrics.items()},
             "confusion": {k: int(v) for k, v in self.confusion.items()},
@@ -104,44 +109,55 @@ def _ece_bins(p: np.ndarray, n_bins: int) -> np.ndarray:
 
 
 class _Prepared:
-    """Per-image quantities that do not change between bootstrap resamples, so a resample
-    is only a matrix of drawn indices and every metric is a few ``bincount`` calls."""
+    """Per-image quantities that do not change between bootstrap resamples.
 
-    def __init__(self, y: np.ndarray, p: np.ndarray, threshold: float, n_bins: int = ECE_BINS):
+    A resample is described by how often each cluster (a patient, or an image when there are
+    no groups) was drawn; an image then counts as often as its cluster. Every metric is a
+    weighted sum over images, so a chunk of resamples costs one matrix product and one
+    segment sum over images sorted by score (no per-resample index arrays).
+    """
+
+    def __init__(self, y: np.ndarray, p: np.ndarray, threshold: float,
+                 clusters: np.ndarray | None = None, n_bins: int = ECE_BINS):
+        # Images sorted by score, highest first: tied scores form one contiguous segment,
+        # which is what makes the rank-based AUC and the step-wise average precision
+        # tie-correct.
+        order = np.argsort(-p, kind="stable")
+        y, p = y[order], p[order]
         self.n = y.size
-        self.y = y
-        self.p = p
-        pred = (p >= threshold).astype(np.int64)
-        self.cell = 2 * y + pred  # 0 tn, 1 fp, 2 fn, 3 tp
-        # Rank of each distinct score, highest first: ties share a group, which is what
-        # makes the rank-based AUC and the step-wise average precision tie-correct.
-        uniq = np.unique(p)
-        self.n_groups = max(uniq.size, 1)
-        self.group = uniq.size - 1 - np.searchsorted(uniq, p)
-        self.sq_err = (p - y) ** 2
+        self.cluster = (np.arange(y.size) if clusters is None else clusters)[order]
+        self.n_clusters = int(self.cluster.max()) + 1 if y.size else 0
+        self.y = y.astype(np.float64)
+        self.segment = np.flatnonzero(np.r_[True, p[1:] != p[:-1]]) if y.size else np.zeros(0, int)
+        # Columns of one matrix, so the sums a resample needs are one product with it:
+        # the 4 confusion cells (0 tn, 1 fp, 2 fn, 3 tp), positives, squared error, and per
+        # ECE bin the summed probabilities and the summed labels.
+        cell = 2 * y + (p >= threshold).astype(np.int64)
+        bins = _ece_bins(p, n_bins)
+        columns = np.zeros((y.size, 6 + 2 * n_bins))
+        columns[np.arange(y.size), cell] = 1.0
+        columns[:, 4] = y
+        columns[:, 5] = (p - y) ** 2
+        columns[np.arange(y.size), 6 + bins] = p
+        columns[np.arange(y.size), 6 + n_bins + bins] = y
+        self.columns = columns
         self.n_bins = n_bins
-        self.bin = _ece_bins(p, n_bins)
 
-    def metrics(self, idx: np.ndarray) -> dict[str, np.ndarray]:
-        """Every metric for each row of ``idx`` (B x n indices of a resample)."""
-        b, n = idx.shape
-        rows = np.arange(b)[:, None]
-        counts = np.bincount((rows * 4 + self.cell[idx]).ravel(), minlength=b * 4).reshape(b, 4)
-        tn, fp, fn, tp = (counts[:, i].astype(np.float64) for i in range(4))
-        yi = self.y[idx]
-
-        g = self.n_groups
-        gi = (rows * g + self.group[idx]).ravel()
-        pos = np.bincount(gi, weights=yi.ravel(), minlength=b * g).reshape(b, g)
-        neg = np.bincount(gi, minlength=b * g).reshape(b, g) - pos
+    def metrics(self, draws: np.ndarray) -> dict[str, np.ndarray]:
+        """Every metric for each row of ``draws`` (B x n_clusters: how often each cluster is
+        in a resample; a row of ones is the data itself)."""
+        w = np.asarray(draws, dtype=np.float64)[:, self.cluster]  # B x n image weights
+        sums = w @ self.columns
+        size = w.sum(axis=1)
+        tn, fp, fn, tp = (sums[:, i] for i in range(4))
+        # Per distinct score (highest first): weighted positives and images.
+        pos = np.add.reduceat(w * self.y, self.segment, axis=1)
+        neg = np.add.reduceat(w, self.segment, axis=1) - pos
         cum_tp = np.cumsum(pos, axis=1)
         cum_fp = np.cumsum(neg, axis=1)
         n_pos, n_neg = cum_tp[:, -1], cum_fp[:, -1]
-
         nb = self.n_bins
-        bi = (rows * nb + self.bin[idx]).ravel()
-        sum_p = np.bincount(bi, weights=self.p[idx].ravel(), minlength=b * nb).reshape(b, nb)
-        sum_y = np.bincount(bi, weights=yi.ravel(), minlength=b * nb).reshape(b, nb)
+        sum_p, sum_y = sums[:, 6:6 + nb], sums[:, 6 + nb:]
 
         with np.errstate(divide="ignore", invalid="ignore"):
             recall = tp / (tp + fn)
@@ -155,7 +171,7 @@ class _Prepared:
             prec_at = np.divide(cum_tp, denom, out=np.zeros_like(cum_tp), where=denom > 0)
             ap = (pos * prec_at).sum(axis=1) / n_pos
             out = {
-                "accuracy": (tp + tn) / n,
+                "accuracy": (tp + tn) / size,
                 "recall": recall,
                 "specificity": specificity,
                 "precision": tp / (tp + fp),
@@ -165,13 +181,35 @@ class _Prepared:
                 "balanced_accuracy": (recall + specificity) / 2,
                 "roc_auc": auc,
                 "pr_auc": ap,
-                "brier": self.sq_err[idx].mean(axis=1),
-                "ece": np.abs(sum_p - sum_y).sum(axis=1) / n,
+                "brier": sums[:, 5] / size,
+                "ece": np.abs(sum_p - sum_y).sum(axis=1) / size,
             }
         for v in out.values():  # 0/0 gives nan already; x/0 would give inf
             v[~np.isfinite(v)] = np.nan
-        out["_counts"] = counts
+        out["_counts"] = np.rint(sums[:, :4]).astype(np.int64)
         return out
+
+
+def _draw_counts(idx: np.ndarray, n_clusters: int) -> np.ndarray:
+    """B x k drawn cluster indices -> B x n_clusters counts (how often each was drawn)."""
+    b = idx.shape[0]
+    flat = (np.arange(b)[:, None] * n_clusters + idx).ravel()
+    return np.bincount(flat, minlength=b * n_clusters).reshape(b, n_clusters)
+
+
+def _cluster_codes(groups: Any, n: int) -> np.ndarray:
+    """Cluster index 0..k-1 per image from any ids (a patient id per image). A missing id
+    (None, nan, empty) makes the image a cluster of its own: it is not pooled with others."""
+    import pandas as pd
+
+    ids = pd.Series(np.asarray(groups, dtype=object).ravel())
+    if len(ids) != n:
+        raise ValueError(f"groups ({len(ids)}) and y_true ({n}) differ in length")
+    missing = ids.isna() | (ids.astype(str).str.strip() == "")
+    codes, uniques = pd.factorize(ids.where(~missing))
+    codes = np.asarray(codes, dtype=np.int64)
+    codes[missing.to_numpy()] = len(uniques) + np.arange(int(missing.sum()))
+    return codes
 
 
 def point_metrics(y_true: Any, y_prob: Any, threshold: float) -> dict[str, float]:
@@ -183,7 +221,7 @@ def point_metrics(y_true: Any, y_prob: Any, threshold: float) -> dict[str, float
     y, p = _check_inputs(y_true, y_prob)
     if y.size == 0:
         return {name: float("nan") for name in METRICS}
-    values = _Prepared(y, p, float(threshold)).metrics(np.arange(y.size)[None, :])
+    values = _Prepared(y, p, float(threshold)).metrics(np.ones((1, y.size)))
     return {name: float(values[name][0]) for name in METRICS}
 
 
@@ -203,9 +241,15 @@ def expected_calibration_error(y_true: Any, y_prob: Any, n_bins: int = 10) -> fl
 
 
 def evaluate_predictions(y_true: Any, y_prob: Any, threshold: float, n_bootstrap: int = 1000,
-                         confidence: float = 0.95, seed: int = 0) -> Evaluation:
-    """Point metrics with percentile bootstrap confidence intervals (images resampled with
-    replacement; deterministic for a seed).
+                         confidence: float = 0.95, seed: int = 0,
+                         groups: Any = None) -> Evaluation:
+    """Point metrics with percentile bootstrap confidence intervals (deterministic for a seed).
+
+    ``groups`` holds the patient id of each image. With it, the bootstrap resamples
+    patients with replacement and keeps each drawn patient's images together (a cluster
+    bootstrap): a patient's images are not independent evidence, and resampling them one by
+    one gives intervals that are too narrow. Without it every image is its own cluster. An
+    image without an id (None, nan, "") is a patient of its own.
 
     Resamples where a metric is undefined (e.g. AUC on a resample with one class) are left
     out of that metric's percentiles. A percentile interval can miss the point estimate of
@@ -221,26 +265,13 @@ def evaluate_predictions(y_true: Any, y_prob: Any, threshold: float, n_bootstrap
         raise ValueError("confidence must be in (0, 1)")
     threshold = float(threshold)
     n = y.size
-    prep = _Prepared(y, p, threshold)
-    point = prep.metrics(np.arange(n)[None, :])
-
-    rng = np.random.default_rng(seed)
-    chunk = max(1, min(n_bootstrap, _CHUNK_ELEMENTS // max(n, 1)))
-    parts: list[dict[str, np.ndarray]] = []
-    for start in range(0, n_bootstrap, chunk):
-        idx = rng.integers(0, n, size=(min(chunk, n_bootstrap - start), n))
-        parts.append(prep.metrics(idx))
-
-    alpha = (1.0 - confidence) / 2
-    metrics: dict[str, Interval] = {}
-    for name in METRICS:
-        boot = np.concatenate([part[name] for part in parts])
-        value = float(point[name][0])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-nan metric: nan interval
-            low, high = np.nanpercentile(boot, [100 * alpha, 100 * (1 - alpha)])
-        # fmin/fmax ignore nan: an undefined point value leaves the interval as it is.
-        metrics[name] = Interval(value, float(np.fmin(low, value)), float(np.fmax(high, value)))
+    prep = _Prepared(y, p, threshold, None if groups is None else _cluster_codes(groups, n))
+    k = prep.n_clusters
+    point = prep.metrics(np.ones((1, k)))
+    parts = _bootstrap(prep, n_bootstrap, seed)
+    metrics = {name: _percentile_interval(np.concatenate([part[name] for part in parts]),
+                                          float(point[name][0]), confidence)
+               for name in METRICS}
     counts = point["_counts"][0]
     return Evaluation(
         threshold=threshold,
@@ -252,4 +283,28 @@ def evaluate_predictions(y_true: Any, y_prob: Any, threshold: float, n_bootstrap
         confidence=confidence,
         n_bootstrap=n_bootstrap,
         seed=seed,
+        resampled="images" if groups is None else "patients",
+        n_clusters=k,
     )
+
+
+def _bootstrap(prep: _Prepared, n_bootstrap: int, seed: int) -> list[dict[str, np.ndarray]]:
+    """Metrics of ``n_bootstrap`` resamples of the clusters, in chunks of bounded memory."""
+    rng = np.random.default_rng(seed)
+    k = prep.n_clusters
+    chunk = max(1, min(n_bootstrap, _CHUNK_ELEMENTS // max(prep.n, k, 1)))
+    parts: list[dict[str, np.ndarray]] = []
+    for start in range(0, n_bootstrap, chunk):
+        idx = rng.integers(0, k, size=(min(chunk, n_bootstrap - start), k))
+        parts.append(prep.metrics(_draw_counts(idx, k)))
+    return parts
+
+
+def _percentile_interval(boot: np.ndarray, value: float, confidence: float) -> Interval:
+    """The percentile interval of the resampled values, widened to include ``value``."""
+    alpha = (1.0 - confidence) / 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-nan metric: nan interval
+        low, high = np.nanpercentile(boot, [100 * alpha, 100 * (1 - alpha)])
+    # fmin/fmax ignore nan: an undefined point value leaves the interval as it is.
+    return Interval(value, float(np.fmin(low, value)), float(np.fmax(high, value)))

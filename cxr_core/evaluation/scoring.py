@@ -22,16 +22,17 @@ def test_split(manifest_path: Path) -> pd.DataFrame:
     return split_rows(read_manifest(manifest_path), "test")
 
 
-
 def score_test_split(model: Any, threshold: float, image_size: int, test: pd.DataFrame,
                      batch_size: int = 64) -> pd.DataFrame:
-    """One row per test image: path, sha256, label (0/1), probability, prediction."""
+    """One row per test image: path, sha256, patient_id (empty where ``test`` has none),
+    label (0/1), probability, prediction."""
     labels = (test["label"] == POSITIVE).to_numpy(np.int32)
     ds = make_dataset(SplitData(test["path"].tolist(), labels), image_size, batch_size,
                       shuffle=False, seed=0, cache=False)
     probs = np.asarray(model.predict(ds.map(lambda x, y: x), verbose=0), np.float64).ravel()
+    patients = test["patient_id"].to_numpy(object) if "patient_id" in test else [None] * len(test)
     return pd.DataFrame({"path": test["path"].to_numpy(), "sha256": test["sha256"].to_numpy(),
-                         "label": labels, "probability": probs,
+                         "patient_id": patients, "label": labels, "probability": probs,
                          "prediction": (probs >= threshold).astype(int)})
 
 
@@ -47,9 +48,9 @@ class EvaluatedModel:
 
 def evaluate_test_split(model: Any, threshold: float, test: pd.DataFrame, image_size: int,
                         out_dir: Path, seed: int, with_figures: bool = True) -> EvaluatedModel:
-    """Score ``test`` at ``threshold``: metrics with bootstrap intervals, per-image predictions
-    (for champion comparisons), scores under acquisition shifts and figures, all under
-    ``out_dir``."""
+    """Score ``test`` at ``threshold``: metrics with bootstrap intervals (patients resampled:
+    their images are not independent), per-image predictions (for champion comparisons),
+    scores under acquisition shifts and figures, all under ``out_dir``."""
     from cxr_core.data.inputs import load_images
     from cxr_core.evaluation.figures import write_figures
     from cxr_core.evaluation.metrics import evaluate_predictions
@@ -63,7 +64,7 @@ def evaluate_test_split(model: Any, threshold: float, test: pd.DataFrame, image_
     predictions_path = out_dir / "test_predictions.csv"
     preds.to_csv(predictions_path, index=False)
     evaluation = evaluate_predictions(preds["label"].to_numpy(), preds["probability"].to_numpy(),
-                                      threshold, seed=seed)
+                                      threshold, seed=seed, groups=preds["patient_id"].to_numpy())
     (out_dir / "metrics.json").write_text(json.dumps(evaluation.to_dict(), indent=2))
     robustness = score_under_shifts(model, threshold, preds, image_size, out_dir, seed)
     figures: dict[str, Path] = {}

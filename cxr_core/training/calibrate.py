@@ -6,6 +6,9 @@ pneumonia". Platt scaling, ``p = sigmoid(a * z + b)`` on the model's logit ``z``
 Because the output layer is ``sigmoid(w . h + c)``, the scaling folds exactly into it
 (``w <- a w``, ``c <- a c + b``): the calibrated model has the same layers, loads anywhere
 (MLflow's pyfunc included) and needs nothing beside it. Ranking (AUC) is unchanged.
+A test-time-augmentation wrapper (:mod:`cxr_core.training.tta`) ends in such a layer too, over
+the mean logit of its views: the scaling is fitted on, and folded into, whatever model is
+saved, so it is always the last step of the served output.
 """
 
 from __future__ import annotations
@@ -63,7 +66,8 @@ def fit_platt(probs: np.ndarray, labels: np.ndarray) -> PlattScaling:
 
 
 def fold_into_model(model: Any, scaling: PlattScaling) -> Any:
-    """Rescale the sigmoid output layer in place so the model outputs calibrated probabilities."""
+    """Rescale the model's top-level sigmoid output layer (the trained model's, or a TTA
+    wrapper's) in place, so the model outputs calibrated probabilities."""
     layer = model.get_layer(OUTPUT_LAYER)
     kernel, bias = (np.asarray(w, dtype=np.float64) for w in layer.get_weights())
     layer.set_weights([(scaling.a * kernel).astype(np.float32),

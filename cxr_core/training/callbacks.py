@@ -35,11 +35,14 @@ def progress_callback(label: str) -> Any:
 
 
 def shifted_validation(datasets: Any, seed: int) -> Any:
-    """The per-epoch ``val_shift_*`` callback over a shifted copy of the validation images
-    (see :func:`cxr_core.evaluation.robustness.shifted_copy`)."""
+    """The per-epoch ``val_shift_*`` callback over a copy of the validation images shifted
+    by the acquisition changes training never augments with
+    (:data:`cxr_core.evaluation.robustness.UNSEEN_SHIFTS`, see ``shifted_copy``): selecting
+    on shifts the augmentation covers would reward the augmentation, not robustness."""
     import numpy as np
 
-    from cxr_core.evaluation.robustness import shifted_copy, shifted_validation_callback
+    from cxr_core.evaluation.robustness import UNSEEN_SHIFTS, shifted_copy, shifted_validation_callback
 
     images = np.concatenate([x.numpy() for x, _ in datasets.val])
-    return shifted_validation_callback(shifted_copy(images, seed), datasets.val_data.labels)
+    return shifted_validation_callback(shifted_copy(images, seed, UNSEEN_SHIFTS),
+                                       datasets.val_data.labels)

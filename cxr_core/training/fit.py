@@ -107,10 +107,8 @@ def train_final(
     """Retrain the best hyperparameters with early stopping on ``monitor`` (the search's
     objective; best weights restored), choose the threshold on validation, save model and
     threshold. ``callbacks`` run before early stopping (they may add the monitored metric).
-    With ``calibrate``, Platt scaling fitted on validation is folded into the output layer
-    before the threshold is chosen (see :mod:`cxr_core.training.calibrate`). With ``tta``, the saved
-    model averages the image and a centre-crop view (:mod:`cxr_core.training.tta`), and the threshold
-    is chosen on that average.
+    ``calibrate`` and ``tta`` shape the saved model (:func:`final_model`); the threshold is
+    chosen on that model's output, the one that will be served.
 
     ``val_ds`` must not be shuffled: its order has to match ``val_labels``.
     """
@@ -141,24 +139,8 @@ def train_final(
     if class_weight:
         fit_kwargs["class_weight"] = class_weight
     history = model.fit(train_ds, **fit_kwargs).history
+    model, calibration = final_model(model, val_ds, val_labels, image_size, calibrate, tta)
     val_prob = predict_proba(model, val_ds)
-    calibration = None
-    if calibrate:
-        from cxr_core.training.calibrate import fit_platt, fold_into_model
-
-        try:
-            scaling = fit_platt(val_prob, val_labels)
-        except ValueError as exc:  # a model this bad fails the gates; no reason to crash here
-            print(f"[final training] calibration skipped: {exc}", flush=True)
-        else:
-            fold_into_model(model, scaling)
-            calibration = scaling.as_dict()
-            val_prob = predict_proba(model, val_ds)
-    if tta:
-        from cxr_core.training.tta import with_tta
-
-        model = with_tta(model, image_size)
-        val_prob = predict_proba(model, val_ds)
     choice = choose_threshold(val_labels, val_prob, recall_target)
 
     out_dir = Path(out_dir)
@@ -176,6 +158,34 @@ def train_final(
         best_epoch=int(np.argmax(val_auc)) + 1 if val_auc else 0,
         calibration=calibration,
     )
+
+
+def final_model(model: Any, val_ds: Any, val_labels: np.ndarray, image_size: int,
+                calibrate: bool, tta: bool) -> tuple[Any, dict[str, float] | None]:
+    """The model to save, and its Platt scaling (None when not calibrated).
+
+    With ``tta`` the trained model is wrapped to average the logits of the image and a
+    centre-crop view (:func:`cxr_core.training.tta.with_tta`). With ``calibrate``, Platt
+    scaling is fitted on the validation output of that model, TTA included, and folded into
+    its final sigmoid layer: the served probabilities and the calibration error reported
+    for them are the calibrated ones. A fit that fails (one class, reversed ranking) leaves
+    the model uncalibrated: such a model fails the gates, no reason to crash here.
+    """
+    from cxr_core.training.calibrate import fit_platt, fold_into_model
+
+    if tta:
+        from cxr_core.training.tta import with_tta
+
+        model = with_tta(model, image_size)
+    if not calibrate:
+        return model, None
+    try:
+        scaling = fit_platt(predict_proba(model, val_ds), val_labels)
+    except ValueError as exc:
+        print(f"[final training] calibration skipped: {exc}", flush=True)
+        return model, None
+    fold_into_model(model, scaling)
+    return model, scaling.as_dict()
 
 
 def save_threshold(path: Path, choice: ThresholdChoice) -> Path:

@@ -253,6 +253,8 @@ def test_balancing_reaches_target_from_train_sources_only(tmp_path: Path, imbala
     lineage = write_offline_augmentations(manifest, out, 1.0, AugmentConfig(), seed=5)
     assert list(lineage.columns) == LINEAGE_COLUMNS
     assert (lineage["label"] == "NORMAL").all()
+    # The lineage says the file is not the last transform: training augments it online too.
+    assert lineage["also_online_augmented"].all()
     assert 4 + len(lineage) == 12  # four usable train NORMAL images lifted to the 12 PNEUMONIA
 
     eligible = manifest[(manifest["split"] == "train") & manifest["readable"]

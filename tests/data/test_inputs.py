@@ -169,3 +169,49 @@ def test_split_sample_is_stratified_seeded_and_ordered() -> None:
     assert half.paths == data.sample(0.5, seed=7).paths
     assert half.paths != data.sample(0.5, seed=8).paths
     assert data.sample(1.0, seed=7) is data
+
+
+def _batches_seen_by_fit(dataset, epochs: int) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+    """What Keras' own training loop feeds the model: per epoch, each batch's (x, y)."""
+    import keras
+    import tensorflow as tf
+
+    seen: list[tuple[np.ndarray, np.ndarray]] = []
+
+    class Recorder(keras.Model):
+        def call(self, x):
+            return x
+
+        def train_step(self, data):
+            x, y = data
+            seen.append((np.array(x), np.array(y)))
+            return {"mean": tf.reduce_mean(x)}
+
+    model = Recorder()
+    model.compile(run_eagerly=True)
+    model.fit(dataset, epochs=epochs, verbose=0, shuffle=False)
+    per_epoch = len(seen) // epochs
+    return [seen[e * per_epoch:(e + 1) * per_epoch] for e in range(epochs)]
+
+
+def test_augmentation_draws_anew_every_epoch_and_repeats_across_runs() -> None:
+    import tensorflow as tf
+
+    from cxr_core.data.inputs import mixup, photometric
+
+    y = np.array([0, 1] * 8, np.float32)
+    x = np.repeat(y[:, None, None, None] * 100.0 + 60.0, 8, axis=1).repeat(8, axis=2)
+
+    def augmented():
+        ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+        return mixup(photometric(ds, (0.6, 1.6), 8.0, seed=1, max_blur_sigma=1.0), 0.4, seed=1)
+
+    first = _batches_seen_by_fit(augmented(), epochs=2)
+    tf.random.set_seed(999)  # other code reseeding TensorFlow changes nothing
+    second = _batches_seen_by_fit(augmented(), epochs=2)
+    assert len(first[0]) == 2  # two batches per epoch
+    for (xa, ya), (xb, yb) in zip(first[0] + first[1], second[0] + second[1]):
+        assert np.array_equal(xa, xb) and np.array_equal(ya, yb)  # one seed, one run
+    for (x0, y0), (x1, y1) in zip(first[0], first[1]):
+        assert not np.allclose(x0, x1)  # gamma, blur, noise drawn anew ...
+        assert not np.allclose(y0, y1)  # ... and the mixup weights

@@ -98,3 +98,22 @@ def test_optional_robustness_gate() -> None:
     assert not d.passed and [c.name for c in d.failed] == ["min_robust_accuracy"]
     assert not decide(metrics(), thr, robust_worst_accuracy=None).passed  # not measured
     assert decide(metrics(), GateThresholds(), robust_worst_accuracy=0.1).passed  # off
+
+
+def test_lower_bound_gate_counts_patients_not_images() -> None:
+    from cxr_core.evaluation.metrics import evaluate_predictions
+
+    # 30 patients of 20 images each; the model misses every image of 3 positive patients
+    # (recall 0.8 on 15 positive patients). 300 positive images make the image bootstrap
+    # confident; 15 positive patients do not.
+    patient = np.repeat(np.arange(30), 20)
+    y = (patient < 15).astype(int)
+    p = np.where((y == 1) & (patient >= 3), 0.9, 0.1)
+    thr = GateThresholds(min_recall=0.7, min_accuracy=0.5, use_lower_ci_bound=True)
+    by_image = evaluate_predictions(y, p, 0.5, n_bootstrap=500, seed=0)
+    by_patient = evaluate_predictions(y, p, 0.5, n_bootstrap=500, seed=0, groups=patient)
+    assert by_image.metrics["recall"].value == by_patient.metrics["recall"].value == 0.8
+    assert decide(by_image.metrics, thr).passed           # over-confident
+    failed = decide(by_patient.metrics, thr).failed
+    assert [c.name for c in failed] == ["min_recall"]
+    assert failed[0].value == by_patient.metrics["recall"].low < 0.7

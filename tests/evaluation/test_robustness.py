@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cxr_core.evaluation.robustness import PERTURBATIONS, robustness_report
+from cxr_core.evaluation.robustness import (
+    PERTURBATIONS,
+    SEEN_SHIFTS,
+    SHIFT_FAMILY,
+    UNSEEN_SHIFTS,
+    robustness_report,
+)
 
 
 @pytest.fixture
@@ -41,7 +47,28 @@ def test_report_covers_every_shift_and_finds_a_fragile_model(images) -> None:
     flat = report.flat()
     assert flat["robust_worst_accuracy"] == report.worst("accuracy")
     assert "robust_jpeg_q30_roc_auc" in flat
-    assert report.rows()[0]["condition"] == "clean" and len(report.rows()) == 1 + len(PERTURBATIONS)
+    rows = report.rows()
+    assert rows[0]["condition"] == "clean" and len(rows) == 1 + len(PERTURBATIONS)
+    # Each family is reported on its own; the overall worst (the gate's) is the lower one.
+    # Exposure shifts (seen: the training varies brightness) break this model; the unseen
+    # shifts keep the mean brightness it reads.
+    assert flat["robust_seen_worst_accuracy"] == report.worst("accuracy", "seen") <= 0.5
+    assert flat["robust_unseen_worst_accuracy"] == report.worst("accuracy", "unseen") == 1.0
+    assert flat["robust_worst_accuracy"] == min(flat["robust_seen_worst_accuracy"],
+                                                flat["robust_unseen_worst_accuracy"])
+    assert {r["condition"]: r["family"] for r in rows} == {"clean": "none", **SHIFT_FAMILY}
+
+
+def test_shifts_are_split_by_what_training_augments() -> None:
+    assert SEEN_SHIFTS.keys() & UNSEEN_SHIFTS.keys() == set()
+    assert PERTURBATIONS == {**SEEN_SHIFTS, **UNSEEN_SHIFTS}
+    # The training pipeline varies exposure, contrast and gamma, blurs, adds noise, rotates
+    # and zooms (cxr_core.data.inputs.photometric, cxr_core.training.model's layers, the
+    # offline variants of cxr_core.data.balance).
+    for name in ("exposure_dark", "contrast_low", "gamma_0.7", "blur", "noise", "rotate_7",
+                 "crop_90"):
+        assert SHIFT_FAMILY[name] == "seen", name
+    assert len(UNSEEN_SHIFTS) >= 3 and "jpeg_q30" in UNSEEN_SHIFTS
 
 
 def test_shifted_copy_perturbs_every_image_once_and_repeats(images) -> None:

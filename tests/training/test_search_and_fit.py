@@ -74,10 +74,11 @@ def test_interrupted_search_resumes_without_rerunning(tiny_data: Path, tmp_path:
 
 
 @pytest.mark.parametrize("calibrate,tta", [(False, False), (True, True)])
-def test_final_model_reloads_predicts_same_and_meets_recall(tiny_data: Path, tmp_path: Path,
-                                                           calibrate: bool, tta: bool) -> None:
+def test_final_model_reloads_predicts_same_and_keeps_its_threshold(tiny_data: Path, tmp_path: Path,
+                                                                   calibrate: bool, tta: bool) -> None:
     from cxr_core.lifecycle.predict import load_model_dir
-    from cxr_core.training.fit import load_threshold, predict_proba
+    from cxr_core.training.calibrate import OUTPUT_LAYER
+    from cxr_core.training.fit import choose_threshold, load_threshold, predict_proba
     from cxr_core.training.tta import WRAPPER_NAME
 
     cfg = tiny_config(train={"calibrate": calibrate, "tta": tta})
@@ -91,18 +92,25 @@ def test_final_model_reloads_predicts_same_and_meets_recall(tiny_data: Path, tmp
     assert loaded.threshold == threshold.threshold
     assert threshold == trained.threshold
     p1 = predict_proba(model, ds.val)
-    assert threshold.recall >= cfg.gates.recall_target_for_threshold
-    assert ((p1 >= threshold.threshold)[ds.val_data.labels == 1]).mean() >= 0.9
+    # The threshold belongs to the saved model's output: chosen on it, not on an earlier
+    # stage (before TTA or calibration). (Recall on the set it was chosen on would hold by
+    # construction; the chooser is checked on held-out data in test_threshold.py.)
+    rechosen = choose_threshold(ds.val_data.labels, p1, cfg.gates.recall_target_for_threshold)
+    assert rechosen.threshold == pytest.approx(threshold.threshold, abs=1e-6)
     # Reloaded model predicts the same as the one that chose the threshold.
     import keras
 
     p2 = predict_proba(keras.models.load_model(trained.model_path), ds.val)
     assert np.allclose(p1, p2, atol=1e-6)
-    # Calibration is folded into the saved model (the threshold was chosen on its output).
     assert (trained.calibration is not None) == calibrate
-    if calibrate:
-        assert trained.calibration["a"] > 0
     assert (model.name == WRAPPER_NAME) == tta
+    if calibrate:
+        # Calibration is the saved model's last step: sigmoid(a * z + b) of the logit z
+        # that reaches its output layer (with TTA: the mean logit of the views).
+        assert trained.calibration["a"] > 0
+        z = keras.Model(model.inputs, model.get_layer(OUTPUT_LAYER).input).predict(ds.val, verbose=0)
+        a, b = trained.calibration["a"], trained.calibration["b"]
+        np.testing.assert_allclose(p1, 1 / (1 + np.exp(-(a * z.ravel() + b))), atol=1e-5)
 
 
 def _free_port() -> int:
