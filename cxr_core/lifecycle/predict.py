@@ -93,8 +93,25 @@ def resolve_model_version(client: Any, model_uri: str) -> Any:
         raise CxrError(f"{model_uri}: {exc.message}") from exc
 
 
+def model_artifact_uri(client: Any, model_uri: str) -> str:
+    """Where a model's files are, asked of the registry rather than parsed from a version's
+    ``source`` (which MLflow 3 writes as ``models:/m-...`` for logged models):
+    ``models:/NAME@ALIAS`` and ``models:/NAME/VERSION`` give the version's download URI,
+    ``models:/m-...`` the logged model's artifact location, ``runs:/RUN[/PATH]`` itself
+    (PATH defaults to the model folder)."""
+    if model_uri.startswith("runs:/"):
+        run_ref = model_uri.removeprefix("runs:/").strip("/")
+        return model_uri if "/" in run_ref else f"runs:/{run_ref}/model"
+    ref = model_uri.removeprefix("models:/")
+    if "@" not in ref and "/" not in ref:  # a logged model id: models:/m-...
+        return client.get_logged_model(ref).artifact_location
+    mv = resolve_model_version(client, model_uri)
+    return client.get_model_version_download_uri(mv.name, mv.version)
+
+
 def load_model(model_uri: str, tracking_uri: str | None = None) -> LoadedModel:
-    """``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/RUN/PATH`` or a local folder.
+    """``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``models:/<logged model id>``,
+    ``runs:/RUN/PATH`` or a local folder.
 
     Resolution goes through an explicit MlflowClient on ``tracking_uri`` (no global state).
     """
@@ -104,19 +121,17 @@ def load_model(model_uri: str, tracking_uri: str | None = None) -> LoadedModel:
         raise CxrError(f"{model_uri}: not a folder and not a models:/ or runs:/ URI")
     if not tracking_uri:
         raise CxrError(f"{model_uri}: a registry URI needs a tracking URI")
+    import mlflow.artifacts
     from mlflow.exceptions import MlflowException
 
     from cxr_core.lifecycle.tracking import make_client
 
-    client = make_client(tracking_uri)
-    if model_uri.startswith("models:/"):
-        mv = resolve_model_version(client, model_uri)
-        run_id, path = mv.run_id, mv.source.split(f"runs:/{mv.run_id}/", 1)[-1]
-    else:
-        run_id, _, path = model_uri.removeprefix("runs:/").partition("/")
     tmp = tempfile.mkdtemp(prefix="cxr-model-")
     try:
-        local = client.download_artifacts(run_id, path or "model", tmp)
+        location = model_artifact_uri(make_client(tracking_uri), model_uri)
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=location, dst_path=tmp, tracking_uri=tracking_uri,
+            registry_uri=tracking_uri)
     except MlflowException as exc:
         raise CxrError(f"{model_uri}: {exc.message}") from exc
     return load_model_dir(Path(local), source=model_uri)
