@@ -7,7 +7,7 @@ decision passed is ever registered (the TFX Evaluator's "blessing").
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from math import comb
 from typing import Any, Protocol
@@ -51,6 +51,20 @@ class PairedComparison:
 
 
 @dataclass(frozen=True)
+class ChampionComparison:
+    """Candidate vs champion on the test images both were tested on (matched by sha256).
+
+    ``skipped`` says why no test was run (e.g. too few shared images); ``comparisons`` is
+    then empty and only the value gates decide.
+    """
+
+    champion_version: str
+    shared_images: int
+    comparisons: tuple[PairedComparison, ...] = ()
+    skipped: str | None = None
+
+
+@dataclass(frozen=True)
 class GateCheck:
     name: str
     value: float | None
@@ -66,6 +80,7 @@ class GateDecision:
     checks: tuple[GateCheck, ...]
     champion_version: str | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    shared_test_images: int | None = None  # images the champion comparison was made on
 
     @property
     def failed(self) -> list[GateCheck]:
@@ -116,14 +131,33 @@ def paired_comparison(y_true: np.ndarray, candidate_pred: np.ndarray, champion_p
 def decide(
     candidate: Mapping[str, _IntervalLike],
     thresholds: GateThresholds,
-    comparisons: list[PairedComparison] | None = None,
+    comparisons: Sequence[PairedComparison] | ChampionComparison | None = None,
     champion_version: str | None = None,
     robust_worst_accuracy: float | None = None,
 ) -> GateDecision:
     """Judge a candidate. ``comparisons`` (against the champion on the same test images) are
-    None when there is no champion: the value checks alone decide then. With
-    ``thresholds.min_robust_accuracy`` set, the worst accuracy over the robustness report's
-    acquisition shifts must reach it too."""
+    None when there is no champion: the value checks alone decide then; a
+    :class:`ChampionComparison` also carries the shared-image count and, when it was skipped,
+    why (a note). With ``thresholds.min_robust_accuracy`` set, the worst accuracy over the
+    robustness report's acquisition shifts must reach it too."""
+    checks = _value_checks(candidate, thresholds, robust_worst_accuracy)
+    notes: list[str] = []
+    shared = None
+    if isinstance(comparisons, ChampionComparison):
+        champion_version = champion_version or comparisons.champion_version
+        shared = comparisons.shared_images
+        notes.append(comparisons.skipped or f"compared with champion version "
+                     f"{comparisons.champion_version} on {shared} shared test images")
+        comparisons = None if comparisons.skipped else comparisons.comparisons
+    elif comparisons is None:
+        notes.append("no champion: regression checks skipped")
+    checks += _regression_checks(comparisons or (), thresholds.regression_alpha)
+    return GateDecision(all(c.passed for c in checks), tuple(checks), champion_version,
+                        tuple(notes), shared)
+
+
+def _value_checks(candidate: Mapping[str, _IntervalLike], thresholds: GateThresholds,
+                  robust_worst_accuracy: float | None) -> list[GateCheck]:
     checks: list[GateCheck] = []
     bound = "lower 95% bound" if thresholds.use_lower_ci_bound else "point value"
     for metric, minimum in (("recall", thresholds.min_recall),
@@ -142,21 +176,19 @@ def decide(
         checks.append(GateCheck("min_robust_accuracy", None if value is None else float(value),
                                 thresholds.min_robust_accuracy, ">=", bool(ok),
                                 "worst accuracy over acquisition shifts"))
-    notes: list[str] = []
-    if comparisons is None:
-        notes.append("no champion: regression checks skipped")
-    else:
-        for comp in comparisons:
-            name = "no_accuracy_regression" if comp.subset == "all" else "no_recall_regression"
-            regressed = comp.champion_only > comp.candidate_only and \
-                comp.p_value < thresholds.regression_alpha
-            checks.append(GateCheck(
-                name, comp.p_value, thresholds.regression_alpha, "not (worse and p <)",
-                not regressed,
-                f"McNemar on {comp.n} {comp.subset} images: champion-only correct "
-                f"{comp.champion_only}, candidate-only correct {comp.candidate_only}"))
-    return GateDecision(all(c.passed for c in checks), tuple(checks), champion_version,
-                        tuple(notes))
+    return checks
+
+
+def _regression_checks(comparisons: Sequence[PairedComparison], alpha: float) -> list[GateCheck]:
+    checks = []
+    for comp in comparisons:
+        name = "no_accuracy_regression" if comp.subset == "all" else "no_recall_regression"
+        regressed = comp.champion_only > comp.candidate_only and comp.p_value < alpha
+        checks.append(GateCheck(
+            name, comp.p_value, alpha, "not (worse and p <)", not regressed,
+            f"McNemar on {comp.n} {comp.subset} images: champion-only correct "
+            f"{comp.champion_only}, candidate-only correct {comp.candidate_only}"))
+    return checks
 
 
 def thresholds_from_config(cfg: Any) -> GateThresholds:

@@ -1,9 +1,21 @@
 """A model card (markdown) for every trained model: what it is for, what it saw, how it did,
-and where it should not be trusted."""
+and where it should not be trusted.
+
+Every figure in a card comes from the model's own evaluation and data; the card names the
+registry version and aliases once the model is registered (:func:`with_registration`).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+import pandas as pd
+
+from cxr_core.data.labels import LABELS
+
+MODEL_CARD_ARTIFACT = "model_card.md"
+REGISTRY_HEADING = "## Registry"
 
 INTENDED_USE = (
     "Screening aid for pediatric (1-5 years) anterior-posterior chest X-rays: flags images "
@@ -12,10 +24,6 @@ INTENDED_USE = (
     "lateral views, or as the sole basis of a clinical decision."
 )
 LIMITATIONS = [
-    "Validation and test images are carved from the same source as training (grouped by "
-    "patient); numbers on data acquired elsewhere are usually lower. On the public Kermany "
-    "data a CNN scoring 0.977 accuracy on a carved split scored 0.867 on the official test "
-    "split, mostly by reading NORMAL images as pneumonia.",
     "Patient ids are inferred from file names; identical ids across folders may not be the "
     "same child, and different ids may be.",
     "The operating threshold was chosen on validation data for a recall target; prevalence "
@@ -23,6 +31,30 @@ LIMITATIONS = [
     "Image-level labels only: the model cannot localise findings (Grad-CAM maps show where it "
     "looked, not where disease is).",
 ]
+# How each manifest split_origin (cxr_core.data.splits / data.balance) reads in a card.
+ORIGIN_WORDS = {
+    "folder": "given (the data set's own folder)",
+    "carved": "carved by cxr from the train folder, grouped by patient",
+    "folded": "given val images folded into train (too few to validate on)",
+    "augmented": "augmented copies written by balancing",
+}
+CARVED_TEST_LIMITATION = (
+    "The test images were carved from the same source as the training images (grouped by "
+    "patient, so no child is in both); figures on data acquired elsewhere are usually lower "
+    "than the figures in this card.")
+GIVEN_TEST_LIMITATION = (
+    "The test images are the data set's own test folder, as given; the figures in this card "
+    "hold for data like it, not necessarily for other hospitals, scanners or populations.")
+
+
+def split_provenance(manifest: pd.DataFrame) -> dict[str, dict[str, int]]:
+    """split -> split_origin -> number of readable, labelled images, from a manifest."""
+    usable = manifest[manifest["readable"].astype(bool) & manifest["label"].isin(LABELS)]
+    counts = usable.groupby(["split", "split_origin"]).size()
+    out: dict[str, dict[str, int]] = {}
+    for (split, origin), n in counts.items():
+        out.setdefault(str(split), {})[str(origin)] = int(n)
+    return out
 
 
 def metrics_table(evaluation: Any) -> str:
@@ -32,17 +64,72 @@ def metrics_table(evaluation: Any) -> str:
     return f"| metric | value | 95% interval |\n| --- | --- | --- |\n{rows}"
 
 
+def _provenance_section(origins: Mapping[str, Mapping[str, int]]) -> str:
+    if not origins:
+        return "Split provenance was not recorded."
+    rows = "\n".join(f"| {split} | {origin} | {n} | {ORIGIN_WORDS.get(origin, origin)} |"
+                     for split, by_origin in sorted(origins.items())
+                     for origin, n in sorted(by_origin.items()))
+    return f"| split | origin | images | meaning |\n| --- | --- | --- | --- |\n{rows}"
+
+
+def _limitations(origins: Mapping[str, Mapping[str, int]]) -> list[str]:
+    test = origins.get("test", {})
+    if not test:
+        return LIMITATIONS
+    return [CARVED_TEST_LIMITATION if "carved" in test else GIVEN_TEST_LIMITATION, *LIMITATIONS]
+
+
+def _robustness_section(robustness: Mapping[str, float] | None) -> str:
+    worst = {k.removeprefix("robust_worst_"): v for k, v in (robustness or {}).items()
+             if k.startswith("robust_worst_")}
+    if not worst:
+        return "No robustness report was made for this model."
+    rows = "\n".join(f"| {k} | {v:.3f} |" for k, v in sorted(worst.items()))
+    return ("The test split scored again under simulated acquisition changes (exposure, "
+            "contrast, blur, noise, JPEG quality, resolution, rotation, crops); the worst value "
+            f"of each metric over those shifts:\n\n| metric | worst |\n| --- | --- |\n{rows}")
+
+
+def title(name: str, version: str | None) -> str:
+    """The card's first line."""
+    return f"# Model card: {name}{f' version {version}' if version else ''}"
+
+
+def registry_section(name: str, version: str | None, aliases: Sequence[str] = (),
+                     passed: bool | None = None) -> str:
+    """The card's last section: the registered version and its aliases, or why there is none."""
+    if version is None:
+        why = ("not registered: the gates rejected it" if passed is False else
+               "not registered yet (registration follows a passing gate decision)")
+        return f"{REGISTRY_HEADING}\nThis model is {why}.\n"
+    alias_text = ", ".join(f"`{a}`" for a in sorted(aliases)) or "none"
+    return (f"{REGISTRY_HEADING}\nRegistered model `{name}`, version {version}. "
+            f"Aliases: {alias_text}.\n")
+
+
+def with_registration(card: str, name: str, version: str, aliases: Sequence[str]) -> str:
+    """``card`` with its title and registry section naming ``version`` and ``aliases``."""
+    body = card.split(f"\n{REGISTRY_HEADING}\n", 1)[0]
+    lines = body.split("\n", 1)
+    rest = lines[1] if len(lines) > 1 else ""
+    return f"{title(name, version)}\n{rest}\n{registry_section(name, version, aliases)}"
+
+
 def render_model_card(name: str, version: str | None, evaluation: Any, threshold: Any,
                       decision: Any, data_summary: dict[str, Any], hyperparameters: dict[str, Any],
-                      profile: str) -> str:
-    """Markdown model card. ``evaluation`` is a cxr_core.evaluation.metrics.Evaluation, ``threshold`` a
-    ThresholdChoice, ``decision`` a GateDecision."""
+                      profile: str, aliases: Sequence[str] = (),
+                      robustness: Mapping[str, float] | None = None) -> str:
+    """Markdown model card. ``evaluation`` is a cxr_core.evaluation.metrics.Evaluation,
+    ``threshold`` a ThresholdChoice, ``decision`` a GateDecision; ``data_summary`` may carry
+    ``split_origins`` (:func:`split_provenance`); ``robustness`` the robust_* metrics."""
     splits = "\n".join(f"| {split} | {counts.get('NORMAL', 0)} | {counts.get('PNEUMONIA', 0)} |"
                        for split, counts in data_summary.get("split_counts", {}).items())
+    origins = data_summary.get("split_origins") or {}
     hp = "\n".join(f"| {k} | {v} |" for k, v in sorted(hyperparameters.items()))
-    lims = "\n".join(f"- {x}" for x in LIMITATIONS)
+    lims = "\n".join(f"- {x}" for x in _limitations(origins))
     cm = evaluation.confusion
-    return f"""# Model card: {name}{f' version {version}' if version else ''}
+    return f"""{title(name, version)}
 
 ## Intended use
 {INTENDED_USE}
@@ -70,11 +157,17 @@ Balancing: {data_summary.get('balancing')}.
 | --- | --- | --- |
 {splits}
 
+### Split provenance
+{_provenance_section(origins)}
+
 ## Test metrics (at the threshold, 95% bootstrap intervals)
 {evaluation.n} test images ({evaluation.n_positive} PNEUMONIA, {evaluation.n_negative} NORMAL).
 Confusion matrix: TN {cm['tn']}, FP {cm['fp']}, FN {cm['fn']}, TP {cm['tp']}.
 
 {metrics_table(evaluation)}
+
+## Robustness
+{_robustness_section(robustness)}
 
 ## Gates
 ```
@@ -83,4 +176,5 @@ Confusion matrix: TN {cm['tn']}, FP {cm['fp']}, FN {cm['fn']}, TP {cm['tp']}.
 
 ## Limitations
 {lims}
-"""
+
+{registry_section(name, version, aliases, getattr(decision, 'passed', None))}"""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import getpass
 import json
-import tempfile
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,19 +16,20 @@ from typing import Any
 import pandas as pd
 
 from cxr_core.errors import Rejection
-from cxr_core.evaluation.gates import GateThresholds, decide, paired_comparison
-from cxr_core.evaluation.scoring import score_test_split, test_split
-from cxr_core.lifecycle.predict import load_model
+from cxr_core.evaluation.gates import ChampionComparison, GateThresholds, decide, paired_comparison
 from cxr_core.lifecycle.registry import (
     CHALLENGER,
     CHAMPION,
     GATE_TAG,
-    PREDICTIONS_ARTIFACT,
     PREVIOUS,
-    THRESHOLD_TAG,
     _set_alias,
     alias_version,
+    refresh_model_cards,
+    version_test_predictions,
 )
+
+# Fewer shared test images than this and McNemar says little: the comparison is skipped.
+MIN_SHARED_TEST_IMAGES = 30
 
 
 class PromotionRejected(Rejection):
@@ -44,37 +44,71 @@ class PromotionResult:
     comparison: dict[str, Any] | None
 
 
-def _test_predictions(client: Any, run_id: str) -> Any:
-    import pandas as pd
+def shared_test_images(candidate: pd.DataFrame, champion: pd.DataFrame) -> pd.DataFrame:
+    """The images both models were tested on, joined by sha256: ``label`` (the candidate's,
+    i.e. the current labelling), ``prediction_cand``, ``prediction_champ``. Any image either
+    model trained or validated on is left out, whatever its path or the split carving."""
+    cand = candidate.drop_duplicates("sha256")[["sha256", "label", "prediction"]]
+    champ = champion.drop_duplicates("sha256")[["sha256", "prediction"]]
+    return cand.merge(champ, on="sha256", suffixes=("_cand", "_champ"))
 
-    with tempfile.TemporaryDirectory() as tmp:
-        return pd.read_csv(client.download_artifacts(run_id, PREDICTIONS_ARTIFACT, tmp))
+
+def compare_on_shared(joined: pd.DataFrame, champion_version: str,
+                      min_shared: int = MIN_SHARED_TEST_IMAGES) -> ChampionComparison:
+    """McNemar on all shared images and on the shared positives; skipped (with the reason)
+    when fewer than ``min_shared`` images are shared."""
+    n = len(joined)
+    if n < min_shared:
+        return ChampionComparison(
+            champion_version, n, (), f"comparison with champion version {champion_version} "
+            f"skipped: {n} shared test images < {min_shared}")
+    y = joined["label"].to_numpy(int)
+    cand, champ = joined["prediction_cand"].to_numpy(int), joined["prediction_champ"].to_numpy(int)
+    return ChampionComparison(champion_version, n, tuple(
+        paired_comparison(y, cand, champ, subset) for subset in ("all", "positives")))
+
+
+def champion_comparison(client: Any, model_name: str, candidate_predictions: Path,
+                        min_shared: int = MIN_SHARED_TEST_IMAGES) -> ChampionComparison | None:
+    """Compare a new candidate (its per-image test predictions file, not yet registered) with
+    the current champion on the test images both were tested on, using the predictions the
+    champion recorded at its registration (never re-scoring it on this run's split, part of
+    which may have been its training data). None when there is no champion."""
+    champion = alias_version(client, model_name, CHAMPION)
+    if champion is None:
+        return None
+    version = str(champion.version)
+    recorded = version_test_predictions(client, champion)
+    if recorded is None:
+        return ChampionComparison(version, 0, (), f"comparison with champion version {version} "
+                                  "skipped: it has no recorded test predictions")
+    joined = shared_test_images(pd.read_csv(candidate_predictions), recorded)
+    return compare_on_shared(joined, version, min_shared)
 
 
 def compare_with_champion(client: Any, candidate: Any, champion: Any, alpha: float,
-                          min_shared: int = 30) -> dict[str, Any]:
-    """Paired comparison on the test images both versions were scored on (matched by
-    sha256), each at its own threshold. Raises PromotionRejected if they share too few."""
-    a = _test_predictions(client, candidate.run_id)
-    b = _test_predictions(client, champion.run_id)
-    joined = a.merge(b, on="sha256", suffixes=("_cand", "_champ"))
-    if len(joined) < min_shared:
+                          min_shared: int = MIN_SHARED_TEST_IMAGES) -> dict[str, Any]:
+    """Paired comparison of two registered versions on the test images both were scored on
+    (matched by sha256), each at its own threshold. Raises PromotionRejected if they share
+    too few."""
+    cand, champ = (version_test_predictions(client, mv) for mv in (candidate, champion))
+    for mv, preds in ((candidate, cand), (champion, champ)):
+        if preds is None:
+            raise PromotionRejected(f"version {mv.version} has no recorded test predictions")
+    joined = shared_test_images(cand, champ)
+    comparison = compare_on_shared(joined, str(champion.version), min_shared)
+    if comparison.skipped:
         raise PromotionRejected(
             f"version {candidate.version} and champion {champion.version} share only "
-            f"{len(joined)} test images (need {min_shared}); evaluate both on the same test "
-            "data, or promote with --force and a reason")
-    y = joined["label_cand"].to_numpy(int)
-    t_cand = float(candidate.tags.get(THRESHOLD_TAG, 0.5))
-    t_champ = float(champion.tags.get(THRESHOLD_TAG, 0.5))
-    cand_pred = (joined["probability_cand"].to_numpy() >= t_cand).astype(int)
-    champ_pred = (joined["probability_champ"].to_numpy() >= t_champ).astype(int)
-    comps = [paired_comparison(y, cand_pred, champ_pred, "all"),
-             paired_comparison(y, cand_pred, champ_pred, "positives")]
+            f"{comparison.shared_images} test images (need {min_shared}); evaluate both on the "
+            "same test data, or promote with --force and a reason")
     # Value gates were judged at registration; here only regression decides.
-    decision = decide({}, GateThresholds(0.0, 0.0, False, alpha), comps, str(champion.version))
+    decision = decide({}, GateThresholds(0.0, 0.0, False, alpha), comparison)
     regression = [c for c in decision.checks if c.name.startswith("no_")]
+    y = joined["label"].to_numpy(int)
+    cand_pred, champ_pred = joined["prediction_cand"].to_numpy(), joined["prediction_champ"].to_numpy()
     return {
-        "shared_images": int(len(joined)),
+        "shared_images": comparison.shared_images,
         "candidate_accuracy": float((cand_pred == y).mean()),
         "champion_accuracy": float((champ_pred == y).mean()),
         "candidate_recall": float(cand_pred[y == 1].mean()) if (y == 1).any() else None,
@@ -103,17 +137,8 @@ def promote(client: Any, name: str, version: str | None = None, force: bool = Fa
     champion = alias_version(client, name, CHAMPION)
     if champion is not None and str(champion.version) == str(candidate.version):
         raise PromotionRejected(f"version {candidate.version} is already the champion")
-    comparison = None
-    if champion is not None:
-        try:
-            comparison = compare_with_champion(client, candidate, champion, alpha)
-        except PromotionRejected:
-            if not force:
-                raise
-        if comparison is not None and not comparison["passed"] and not force:
-            raise PromotionRejected(
-                f"version {candidate.version} regresses significantly against champion "
-                f"{champion.version}: {json.dumps(comparison['checks'])}")
+    comparison = _judge_against(client, candidate, champion, alpha, force)
+    displaced = alias_version(client, name, PREVIOUS)  # loses its alias below
     now = datetime.now(UTC).isoformat(timespec="seconds")
     audit = {
         "cxr.promoted_by": actor or getpass.getuser(),
@@ -130,8 +155,29 @@ def promote(client: Any, name: str, version: str | None = None, force: bool = Fa
     challenger = alias_version(client, name, CHALLENGER)
     if challenger is not None and str(challenger.version) == str(candidate.version):
         client.delete_registered_model_alias(name, CHALLENGER)
+    refresh_model_cards(client, name, [candidate.version, champion and champion.version,
+                                       displaced and displaced.version])
     return PromotionResult(str(candidate.version), str(champion.version) if champion else None,
                            force, comparison)
+
+
+def _judge_against(client: Any, candidate: Any, champion: Any | None, alpha: float,
+                   force: bool) -> dict[str, Any] | None:
+    """The comparison with the champion (None without one); raises PromotionRejected on a
+    significant regression or too few shared images, unless ``force``."""
+    if champion is None:
+        return None
+    try:
+        comparison = compare_with_champion(client, candidate, champion, alpha)
+    except PromotionRejected:
+        if not force:
+            raise
+        return None
+    if not comparison["passed"] and not force:
+        raise PromotionRejected(
+            f"version {candidate.version} regresses significantly against champion "
+            f"{champion.version}: {json.dumps(comparison['checks'])}")
+    return comparison
 
 
 def rollback(client: Any, name: str, reason: str | None = None, actor: str | None = None) -> PromotionResult:
@@ -152,21 +198,6 @@ def rollback(client: Any, name: str, reason: str | None = None, actor: str | Non
                        "cxr.rollback_reason": reason or "rollback",
                        "cxr.rollback_from": str(current.version) if current else "none"}.items():
         client.set_model_version_tag(name, previous.version, key, value)
+    refresh_model_cards(client, name, [previous.version, current and current.version])
     return PromotionResult(str(previous.version), str(current.version) if current else None,
                            False, None)
-
-
-def champion_comparisons(client: Any, model_name: str, manifest_path: Path, image_size: int,
-                         candidate_predictions: Path) -> tuple[list[Any] | None, str | None]:
-    """Score the current champion on this run's test images and compare (McNemar). Returns
-    (None, None) when there is no champion."""
-    champion = alias_version(client, model_name, CHAMPION)
-    if champion is None:
-        return None, None
-    loaded = load_model(f"models:/{model_name}@{CHAMPION}", client.tracking_uri)
-    test = test_split(manifest_path)
-    champ = score_test_split(loaded.model, loaded.threshold, loaded.image_size, test)
-    cand = pd.read_csv(candidate_predictions)
-    y = cand["label"].to_numpy(int)
-    return ([paired_comparison(y, cand["prediction"].to_numpy(), champ["prediction"].to_numpy(), s)
-             for s in ("all", "positives")], str(champion.version))

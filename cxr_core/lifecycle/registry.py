@@ -8,15 +8,21 @@ Only a version tagged ``cxr.gate_passed=true`` can ever become champion, even wi
 
 from __future__ import annotations
 
+import hashlib
 import json
+import posixpath
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
+
+from cxr_core.lifecycle.model_card import MODEL_CARD_ARTIFACT, with_registration
 
 CHALLENGER = "challenger"
 CHAMPION = "champion"
@@ -25,6 +31,12 @@ MODEL_ARTIFACT = "model"
 PREDICTIONS_ARTIFACT = "evaluation/test_predictions.csv"
 GATE_TAG = "cxr.gate_passed"
 THRESHOLD_TAG = "cxr.threshold"
+# Each version names its test images, so comparisons join on images both versions were tested
+# on (never on another model's training data): where its per-image test predictions (sha256,
+# label, probability) lie in its run, how many distinct images, and a digest of their hashes.
+TEST_PREDICTIONS_TAG = "cxr.test_predictions"
+TEST_IMAGES_TAG = "cxr.test_images"
+TEST_SET_DIGEST_TAG = "cxr.test_set_digest"
 
 
 @dataclass(frozen=True)
@@ -38,12 +50,12 @@ class VersionInfo:
     created: str
 
 
-def log_keras_model(client: Any, run_id: str, model_dir: Path, image_size: int) -> str:
-    """Save the Keras model in the ``mlflow.keras`` flavor (signature, input example,
-    requirements, the threshold file beside it) and upload it to the run. Returns the
-    artifact URI of the model (``runs:/<run>/model``)."""
+def save_keras_model(model_dir: Path, out: Path, image_size: int) -> Path:
+    """Save the Keras model of ``model_dir`` in the ``mlflow.keras`` flavor under ``out``
+    (signature, input example, requirements, the threshold file beside it)."""
     import keras
     import mlflow.keras
+    import tensorflow as tf
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
 
@@ -53,18 +65,23 @@ def log_keras_model(client: Any, run_id: str, model_dir: Path, image_size: int) 
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1), "pneumonia")]),
     )
     example = np.full((1, image_size, image_size, 1), 128.0, np.float32)
-    import tensorflow as tf
-
     requirements = [f"keras=={keras.__version__}", f"tensorflow=={tf.__version__}"]
+    out = Path(out)
+    out.mkdir(parents=True)  # the keras flavor writes into an existing folder
+    mlflow.keras.save_model(model, str(out), signature=signature, input_example=example,
+                            pip_requirements=requirements)
+    for extra in ("threshold.json",):
+        src = Path(model_dir) / extra
+        if src.is_file():
+            (out / extra).write_bytes(src.read_bytes())
+    return out
+
+
+def log_keras_model(client: Any, run_id: str, model_dir: Path, image_size: int) -> str:
+    """:func:`save_keras_model` and upload it to the run. Returns the artifact URI of the
+    model (``runs:/<run>/model``)."""
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / MODEL_ARTIFACT
-        out.mkdir()  # the keras flavor writes into an existing folder
-        mlflow.keras.save_model(model, str(out), signature=signature, input_example=example,
-                                pip_requirements=requirements)
-        for extra in ("threshold.json",):
-            src = Path(model_dir) / extra
-            if src.is_file():
-                (out / extra).write_bytes(src.read_bytes())
+        out = save_keras_model(model_dir, Path(tmp) / MODEL_ARTIFACT, image_size)
         client.log_artifacts(run_id, str(out), MODEL_ARTIFACT)
     return f"runs:/{run_id}/{MODEL_ARTIFACT}"
 
@@ -86,18 +103,29 @@ def _ensure_registered_model(client: Any, name: str) -> None:
 def register_if_blessed(client: Any, name: str, run_id: str, decision: Any, threshold: float,
                         manifest_hash: str, metrics: dict[str, float]) -> str | None:
     """Register the run's model only when ``decision.passed``; give it the ``challenger``
-    alias and version tags (threshold, gate results, manifest hash, key metrics). A rejected
-    model stays a logged run tagged with its decision. Returns the version or None."""
+    alias and version tags (threshold, gate results, manifest hash, key metrics, its test
+    images) and re-log its model card naming the version and aliases. A rejected model stays
+    a logged run tagged with its decision. Returns the version or None."""
     client.set_tag(run_id, GATE_TAG, str(bool(decision.passed)).lower())
     client.set_tag(run_id, "cxr.gate_decision", json.dumps(decision.to_dict())[:5000])
     if not decision.passed:
         return None
     _ensure_registered_model(client, name)
     existing = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
-    if existing:  # a retried call: the version exists, finish its alias and stop
+    if existing:  # a retried call: the version exists, finish its alias and card
         version = str(existing[0].version)
-        _point_challenger(client, name, version)
-        return version
+    else:
+        tags = _version_tags(client, run_id, decision, threshold, manifest_hash, metrics)
+        version = str(client.create_model_version(
+            name, source=f"runs:/{run_id}/{MODEL_ARTIFACT}", run_id=run_id, tags=tags).version)
+    before = alias_version(client, name, CHALLENGER)
+    _point_challenger(client, name, version)
+    refresh_model_cards(client, name, [version, before.version if before else None])
+    return version
+
+
+def _version_tags(client: Any, run_id: str, decision: Any, threshold: float, manifest_hash: str,
+                  metrics: dict[str, float]) -> dict[str, str]:
     tags = {
         GATE_TAG: "true",
         THRESHOLD_TAG: f"{threshold:.6f}",
@@ -105,10 +133,64 @@ def register_if_blessed(client: Any, name: str, run_id: str, decision: Any, thre
         "cxr.gate_decision": json.dumps(decision.to_dict())[:5000],
         **{f"cxr.metric.{k}": f"{v:.4f}" for k, v in metrics.items()},
     }
-    mv = client.create_model_version(name, source=f"runs:/{run_id}/{MODEL_ARTIFACT}",
-                                     run_id=run_id, tags=tags)
-    _point_challenger(client, name, str(mv.version))
-    return str(mv.version)
+    predictions = run_test_predictions(client, run_id)
+    if predictions is not None:
+        tags.update(describe_test_set(predictions, PREDICTIONS_ARTIFACT))
+    return tags
+
+
+def describe_test_set(predictions: pd.DataFrame, artifact_path: str) -> dict[str, str]:
+    """Version tags naming a test set: where its predictions lie, its size, its digest."""
+    hashes = sorted(set(predictions["sha256"].astype(str)))
+    return {TEST_PREDICTIONS_TAG: artifact_path, TEST_IMAGES_TAG: str(len(hashes)),
+            TEST_SET_DIGEST_TAG: hashlib.sha256("\n".join(hashes).encode()).hexdigest()}
+
+
+def _has_artifact(client: Any, run_id: str, path: str) -> bool:
+    folder = posixpath.dirname(path)
+    return path in {f.path for f in client.list_artifacts(run_id, folder or None)}
+
+
+def run_test_predictions(client: Any, run_id: str,
+                         path: str = PREDICTIONS_ARTIFACT) -> pd.DataFrame | None:
+    """The per-image test predictions (sha256, label, probability, ...) a run logged, or None
+    when it logged none."""
+    if not _has_artifact(client, run_id, path):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        return pd.read_csv(client.download_artifacts(run_id, path, tmp))
+
+
+def version_test_predictions(client: Any, mv: Any) -> pd.DataFrame | None:
+    """The test predictions a registered version points at (its ``cxr.test_predictions`` tag;
+    for versions registered before that tag, its run's standard artifact), with
+    ``prediction`` at the version's own threshold. None when there are none."""
+    tags = mv.tags or {}
+    predictions = run_test_predictions(client, mv.run_id,
+                                       tags.get(TEST_PREDICTIONS_TAG, PREDICTIONS_ARTIFACT))
+    if predictions is None:
+        return None
+    threshold = float(tags.get(THRESHOLD_TAG, 0.5))
+    return predictions.assign(prediction=(predictions["probability"] >= threshold).astype(int))
+
+
+def refresh_model_card(client: Any, name: str, version: str) -> bool:
+    """Re-log the model card of ``version``'s run so it names the version and its current
+    aliases. False when the run has no card (e.g. a version registered by hand)."""
+    mv = client.get_model_version(name, version)
+    if not _has_artifact(client, mv.run_id, MODEL_CARD_ARTIFACT):
+        return False
+    with tempfile.TemporaryDirectory() as tmp:
+        card = Path(client.download_artifacts(mv.run_id, MODEL_CARD_ARTIFACT, tmp)).read_text()
+    client.log_text(mv.run_id, with_registration(card, name, str(mv.version), mv.aliases or []),
+                    MODEL_CARD_ARTIFACT)
+    return True
+
+
+def refresh_model_cards(client: Any, name: str, versions: Iterable[Any]) -> None:
+    """:func:`refresh_model_card` for each version whose aliases changed (None skipped)."""
+    for version in sorted({str(v) for v in versions if v is not None}, key=int):
+        refresh_model_card(client, name, version)
 
 
 _PERMANENT_ERRORS = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "PERMISSION_DENIED",

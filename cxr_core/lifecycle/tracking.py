@@ -18,7 +18,7 @@ import pandas as pd
 
 import cxr_core
 from cxr_core.data.manifest import read_manifest
-from cxr_core.lifecycle.model_card import render_model_card
+from cxr_core.lifecycle.model_card import MODEL_CARD_ARTIFACT, render_model_card, split_provenance
 from cxr_core.lifecycle.registry import log_keras_model
 
 PARENT_RUN_ID_TAG = "mlflow.parentRunId"
@@ -152,6 +152,20 @@ def log_dataset(client: Any, run_id: str, manifest: pd.DataFrame, name: str, dig
         dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])])
 
 
+def _model_card(model_name: str, cfg: Any, validated: Any, manifest: pd.DataFrame, trained: Any,
+                evaluated: Any, decision: Any) -> str:
+    """The card before registration; registration re-logs it naming the version and aliases
+    (:func:`cxr_core.lifecycle.registry.refresh_model_card`)."""
+    data_summary = {
+        "data_root": validated.data_root, "manifest_hash": validated.manifest_hash,
+        "split_counts": validated.split_counts, "image_size": cfg.data.image_size,
+        "split_origins": split_provenance(manifest),
+        "balancing": f"{cfg.balance.strategy}, target ratio {cfg.balance.target_ratio}"}
+    return render_model_card(model_name, None, evaluated.evaluation, trained.threshold, decision,
+                             data_summary, trained.hyperparameters, cfg.profile,
+                             robustness=evaluated.robustness)
+
+
 @dataclass
 class TrackingRefs:
     """Where a pipeline run lives in MLflow."""
@@ -222,13 +236,8 @@ def log_pipeline_results(
         client.log_artifacts(final, str(run_dir / "evaluation"), "evaluation")
         log_dict_artifact(client, final, decision.to_dict(), "gate_decision.json")
         log_dict_artifact(client, final, [tr.to_dict() for tr in trials], "tuning/trials.json")
-        data_summary = {
-            "data_root": validated.data_root, "manifest_hash": validated.manifest_hash,
-            "split_counts": validated.split_counts, "image_size": cfg.data.image_size,
-            "balancing": f"{cfg.balance.strategy}, target ratio {cfg.balance.target_ratio}"}
-        card = render_model_card(model_name, None, evaluated.evaluation, trained.threshold,
-                                 decision, data_summary, trained.hyperparameters, cfg.profile)
-        client.log_text(final, card, "model_card.md")
+        client.log_text(final, _model_card(model_name, cfg, validated, manifest, trained,
+                                           evaluated, decision), MODEL_CARD_ARTIFACT)
         log_keras_model(client, final, run_dir / "model", cfg.data.image_size)
         client.set_tag(final, "cxr.gate_passed", str(bool(decision.passed)).lower())
         client.set_tag(final, "cxr.gate_decision", json.dumps(decision.to_dict())[:5000])
