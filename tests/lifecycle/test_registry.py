@@ -1,97 +1,37 @@
 """Tracking and registry against a real `mlflow server` subprocess (sqlite, and PostgreSQL
-when CXR_TEST_POSTGRES_URL is set): nested runs, registration only on pass, aliases,
-promotion, forced promotion, rollback, concurrent registration, prediction by alias."""
+when CXR_TEST_POSTGRES_URL is set; fixtures in conftest.py): nested runs, registration only on
+pass, aliases, promotion, forced promotion, rollback, concurrent registration, prediction by
+alias, MLflow 3 logged models. Each test registers under its own model name."""
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from cxr_core.evaluation.gates import GateThresholds, decide
-from cxr_core.lifecycle.promotion import PromotionRejected, promote, rollback
+from cxr_core.lifecycle.promotion import PromotionRejected, PromotionResult, promote, rollback
 from cxr_core.lifecycle.registry import (
     CHALLENGER,
     CHAMPION,
     PREDICTIONS_ARTIFACT,
     PREVIOUS,
+    TEST_IMAGES_TAG,
+    TEST_PREDICTIONS_TAG,
+    TEST_SET_DIGEST_TAG,
     list_versions,
     log_keras_model,
-    register_if_blessed,
+    save_keras_model,
 )
-from cxr_core.lifecycle.tracking import ensure_experiment, log_trials, make_client, start_run
+from cxr_core.lifecycle.tracking import log_trials, start_run
 from cxr_core.training.search import TrialResult
 from support.images import write_image
-from support.servers import POSTGRES_ENV, mlflow_server
 
 pytestmark = pytest.mark.integration
-NAME = "cxr-test-model"
-SIZE = 16
-
-
-def _backends() -> list:
-    marks = pytest.mark.skipif(not os.environ.get(POSTGRES_ENV),
-                               reason=f"{POSTGRES_ENV} is not set")
-    return ["sqlite", pytest.param("postgres", marks=marks)]
-
-
-@pytest.fixture(scope="module", params=_backends())
-def server(request, tmp_path_factory):
-    with mlflow_server(tmp_path_factory.mktemp(f"mlflow-{request.param}"), request.param) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    """A tiny saved cxr model with its threshold."""
-    from cxr_core.training.fit import ThresholdChoice, save_threshold
-    from cxr_core.training.model import build_cnn
-
-    d = tmp_path_factory.mktemp("model")
-    build_cnn(SIZE, blocks=3, base_filters=8, dense_units=0).save(d / "model.keras")
-    save_threshold(d / "threshold.json", ThresholdChoice(0.5, 0.96, 0.5, 0.7, 0.95, 20, 20))
-    return d
-
-
-def _interval(v):
-    from cxr_core.evaluation.metrics import Interval
-
-    return Interval(v, v - 0.01, v + 0.01)
-
-
-def _candidate(client, exp_id, model_dir, tmp: Path | None, correct: np.ndarray, passed: bool = True,
-               labels: np.ndarray | None = None) -> tuple[str, str | None]:
-    """Log a run with the model and per-image test predictions; register it if ``passed``."""
-    run_id = start_run(client, exp_id, "final-training", params={"data.image_size": SIZE},
-                       tags={"cxr.stage": "final"})
-    log_keras_model(client, run_id, model_dir, SIZE)
-    y = labels if labels is not None else np.array([1, 0] * (len(correct) // 2))
-    pred = np.where(correct, y, 1 - y)
-    preds = pd.DataFrame({"path": [f"/t/{i}.jpeg" for i in range(len(y))],
-                          "sha256": [f"{i:064d}" for i in range(len(y))], "label": y,
-                          "probability": np.where(pred == 1, 0.9, 0.1), "prediction": pred})
-    client.log_text(run_id, preds.to_csv(index=False), PREDICTIONS_ARTIFACT)
-    metrics = {"recall": _interval(0.97 if passed else 0.5), "accuracy": _interval(0.95)}
-    decision = decide(metrics, GateThresholds())
-    version = register_if_blessed(client, NAME, run_id, decision, 0.5, "hash", {"accuracy": 0.95})
-    client.set_terminated(run_id)
-    return run_id, version
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return make_client(server.url)
-
-
-@pytest.fixture(scope="module")
-def exp_id(client):
-    return ensure_experiment(client, "cxr-test")
 
 
 def test_parent_with_nested_trial_runs(client, exp_id) -> None:
@@ -110,63 +50,92 @@ def test_parent_with_nested_trial_runs(client, exp_id) -> None:
     assert client.get_run(ids[1]).info.status == "FAILED"
 
 
-def test_register_only_on_pass_and_challenger_alias(client, exp_id, model_dir, tmp_path) -> None:
-    rejected_run, none = _candidate(client, exp_id, model_dir, tmp_path, np.ones(40, bool),
-                                    passed=False)
+def test_register_only_on_pass_and_challenger_alias(client, registrar, model_name) -> None:
+    preds = registrar.predictions(registrar.hashes(0, 40))
+    rejected_run, none = registrar.candidate(model_name, preds, passed=False)
     assert none is None
     assert client.get_run(rejected_run).data.tags["cxr.gate_passed"] == "false"
-    assert not client.search_model_versions(f"name='{NAME}' and run_id='{rejected_run}'")
-    run_id, version = _candidate(client, exp_id, model_dir, tmp_path, np.ones(40, bool))
-    mv = client.get_model_version_by_alias(NAME, CHALLENGER)
+    assert not client.search_model_versions(f"name='{model_name}' and run_id='{rejected_run}'")
+    run_id, version = registrar.candidate(model_name, preds)
+    mv = client.get_model_version_by_alias(model_name, CHALLENGER)
     assert mv.version == version and mv.run_id == run_id
     assert mv.tags["cxr.threshold"] == "0.500000" and mv.tags["cxr.gate_passed"] == "true"
     assert json.loads(mv.tags["cxr.gate_decision"])["passed"] is True
 
 
-def test_promote_compare_force_and_rollback(client, exp_id, model_dir, tmp_path) -> None:
+def test_version_records_its_test_images(client, registrar, model_name, tmp_path) -> None:
+    hashes = registrar.hashes(100, 137)
+    run_id, version = registrar.candidate(model_name, registrar.predictions(hashes),
+                                          with_model=False)
+    tags = client.get_model_version(model_name, version).tags
+    assert tags[TEST_IMAGES_TAG] == "37"
+    assert tags[TEST_SET_DIGEST_TAG] == hashlib.sha256("\n".join(sorted(hashes)).encode()).hexdigest()
+    # The version points at the file holding the hashes, in its own run.
+    assert tags[TEST_PREDICTIONS_TAG] == PREDICTIONS_ARTIFACT
+    recorded = pd.read_csv(client.download_artifacts(run_id, tags[TEST_PREDICTIONS_TAG], tmp_path))
+    assert sorted(recorded["sha256"]) == sorted(hashes)
+
+
+def test_first_promotion_has_no_comparison(client, registrar, model_name) -> None:
+    _, v1 = registrar.candidate(model_name, registrar.predictions(registrar.hashes(0, 40)),
+                                with_model=False)
+    assert promote(client, model_name, actor="ci") == PromotionResult(v1, None, False, None)
+    assert client.get_model_version_by_alias(model_name, CHAMPION).version == v1
+    tags = client.get_model_version(model_name, v1).tags
+    assert tags["cxr.promotion_comparison"] == "none"
+    assert tags["cxr.promotion_reason"] == "passed champion comparison"
+    assert tags["cxr.promoted_by"] == "ci"
+    assert {v.version: v.aliases for v in list_versions(client, model_name)} == {v1: [CHAMPION]}
+
+
+def test_promote_compare_force_and_rollback(client, registrar, model_name) -> None:
+    hashes = registrar.hashes(0, 60)
     good = np.ones(60, bool)
-    _, v1 = _candidate(client, exp_id, model_dir, tmp_path, good)
-    first = promote(client, NAME, v1)
-    assert client.get_model_version_by_alias(NAME, CHAMPION).version == v1
-    assert first.comparison is None or first.comparison["passed"]
+    _, v1 = registrar.candidate(model_name, registrar.predictions(hashes, good), with_model=False)
+    promote(client, model_name, v1)
     # A clearly worse challenger is refused and the champion stays.
     worse = good.copy()
     worse[:30] = False
-    _, v2 = _candidate(client, exp_id, model_dir, tmp_path, worse)
+    _, v2 = registrar.candidate(model_name, registrar.predictions(hashes, worse),
+                                with_model=False)
     with pytest.raises(PromotionRejected, match="regresses"):
-        promote(client, NAME, v2)
-    assert client.get_model_version_by_alias(NAME, CHAMPION).version == v1
+        promote(client, model_name, v2)
+    assert client.get_model_version_by_alias(model_name, CHAMPION).version == v1
     with pytest.raises(PromotionRejected, match="reason"):
-        promote(client, NAME, v2, force=True)
-    forced = promote(client, NAME, v2, force=True, reason="incident 42: new scanner")
-    assert forced.forced and client.get_model_version_by_alias(NAME, CHAMPION).version == v2
-    assert client.get_model_version_by_alias(NAME, PREVIOUS).version == v1
-    tags = client.get_model_version(NAME, v2).tags
+        promote(client, model_name, v2, force=True)
+    forced = promote(client, model_name, v2, force=True, reason="incident 42: new scanner")
+    assert forced.forced and client.get_model_version_by_alias(model_name, CHAMPION).version == v2
+    assert forced.comparison["shared_images"] == 60 and not forced.comparison["passed"]
+    assert client.get_model_version_by_alias(model_name, PREVIOUS).version == v1
+    tags = client.get_model_version(model_name, v2).tags
     assert tags["cxr.promotion_forced"] == "true"
     assert tags["cxr.promotion_reason"] == "incident 42: new scanner"
     assert tags["cxr.promoted_by"] and tags["cxr.promoted_at"]
-    back = rollback(client, NAME, reason="bad week")
+    back = rollback(client, model_name, reason="bad week")
     assert back.promoted_version == v1
-    assert client.get_model_version_by_alias(NAME, CHAMPION).version == v1
-    assert client.get_model_version_by_alias(NAME, PREVIOUS).version == v2
-    listed = {v.version: v for v in list_versions(client, NAME)}
+    assert client.get_model_version_by_alias(model_name, CHAMPION).version == v1
+    assert client.get_model_version_by_alias(model_name, PREVIOUS).version == v2
+    listed = {v.version: v for v in list_versions(client, model_name)}
     assert CHAMPION in listed[v1].aliases and PREVIOUS in listed[v2].aliases
 
 
-def test_failed_gates_can_never_be_champion(client, exp_id, model_dir, tmp_path) -> None:
-    before = client.get_model_version_by_alias(NAME, CHAMPION).version
-    run_id, _ = _candidate(client, exp_id, model_dir, tmp_path, np.ones(40, bool), passed=False)
+def test_failed_gates_can_never_be_champion(client, registrar, model_name) -> None:
+    preds = registrar.predictions(registrar.hashes(0, 40))
+    _, champion = registrar.candidate(model_name, preds, with_model=False)
+    promote(client, model_name, champion)
+    run_id, _ = registrar.candidate(model_name, preds, passed=False, with_model=False)
     # Even a version registered by hand without a passing gate tag is refused, with --force.
-    mv = client.create_model_version(NAME, f"runs:/{run_id}/model", run_id=run_id)
+    mv = client.create_model_version(model_name, f"runs:/{run_id}/model", run_id=run_id)
     with pytest.raises(PromotionRejected, match="did not pass its gates"):
-        promote(client, NAME, str(mv.version), force=True, reason="try")
-    assert client.get_model_version_by_alias(NAME, CHAMPION).version == before
+        promote(client, model_name, str(mv.version), force=True, reason="try")
+    assert client.get_model_version_by_alias(model_name, CHAMPION).version == champion
 
 
-def test_two_processes_register_at_once(server, client, exp_id, model_dir, tmp_path) -> None:
+def test_two_processes_register_at_once(server, client, exp_id, model_dir, model_name,
+                                        image_size) -> None:
     runs = [start_run(client, exp_id, f"concurrent-{i}") for i in range(2)]
     for r in runs:
-        log_keras_model(client, r, model_dir, SIZE)
+        log_keras_model(client, r, model_dir, image_size)
     script = (
         "import sys; from cxr_core.lifecycle.tracking import make_client;"
         "from cxr_core.lifecycle.registry import register_if_blessed;"
@@ -175,22 +144,34 @@ def test_two_processes_register_at_once(server, client, exp_id, model_dir, tmp_p
         "d = GateDecision(True, ());"
         "print(register_if_blessed(c, sys.argv[2], sys.argv[3], d, 0.5, 'h', {}))"
     )
-    procs = [subprocess.Popen([sys.executable, "-c", script, server.url, "cxr-concurrent", r],
+    procs = [subprocess.Popen([sys.executable, "-c", script, server.url, model_name, r],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for r in runs]
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     versions = sorted(o.strip().splitlines()[-1] for o, _ in outs)
     assert versions == ["1", "2"]
-    registered = client.search_model_versions("name='cxr-concurrent'")
+    registered = client.search_model_versions(f"name='{model_name}'")
     assert sorted(mv.run_id for mv in registered) == sorted(runs)
     # The newest passing version is the challenger, whichever process finished last.
-    assert client.get_model_version_by_alias("cxr-concurrent", CHALLENGER).version in (2, "2")
+    assert client.get_model_version_by_alias(model_name, CHALLENGER).version in (2, "2")
 
 
-def test_predict_by_champion_alias_skips_bad_files(server, tmp_path) -> None:
-    from cxr_core.lifecycle.predict import collect_paths, load_model, predict_paths
+def test_predict_by_champion_alias_skips_bad_files(server, client, registrar, model_name,
+                                                   image_size, tmp_path) -> None:
+    import mlflow.artifacts
+    import mlflow.pyfunc
 
+    from cxr_core.lifecycle.predict import (
+        collect_paths,
+        load_model,
+        model_artifact_uri,
+        predict_paths,
+        write_predictions,
+    )
+
+    _, version = registrar.candidate(model_name, registrar.predictions(registrar.hashes(0, 40)))
+    promote(client, model_name, version)
     folder = tmp_path / "incoming"
     for i in range(5):
         write_image(folder / "sub" / f"img{i}.jpeg", i, size=40)
@@ -199,25 +180,54 @@ def test_predict_by_champion_alias_skips_bad_files(server, tmp_path) -> None:
     (folder / ".DS_Store").write_bytes(b"x")
     files, skipped = collect_paths([folder])
     assert len(files) == 6 and any(p.endswith("notes.txt") for p, _ in skipped)
-    loaded = load_model(f"models:/{NAME}@{CHAMPION}", server.url)
-    assert loaded.threshold == 0.5 and loaded.image_size == SIZE
+    uri = f"models:/{model_name}@{CHAMPION}"
+    loaded = load_model(uri, server.url)
+    assert loaded.threshold == 0.5 and loaded.image_size == image_size
     preds, errors = predict_paths(loaded, files, workers=1)
     assert len(preds) == 5 and list(errors["path"]) == [str((folder / "broken.jpeg").resolve())]
     assert set(preds["label"]) <= {"NORMAL", "PNEUMONIA"}
     assert ((preds["probability"] >= 0.5) == (preds["label"] == "PNEUMONIA")).all()
-    from cxr_core.lifecycle.predict import write_predictions
-
     errors_path = write_predictions(preds, errors, tmp_path / "out" / "preds.csv")
     assert len(pd.read_csv(tmp_path / "out" / "preds.csv")) == 5
     assert errors_path is not None and len(pd.read_csv(errors_path)) == 1
     assert write_predictions(preds, errors.iloc[:0], tmp_path / "clean.csv") is None
-    # The model loads as pyfunc too (mlflow.keras flavor, signature).
-    import mlflow.pyfunc
+    # The registered model as pyfunc (mlflow.keras flavor, signature) gives the same
+    # probabilities as `cxr predict` on the same files, decoded as training decodes them.
+    from cxr_core.data.inputs import load_images
 
-    mlflow.set_tracking_uri(server.url)
-    try:
-        pyfunc = mlflow.pyfunc.load_model(f"models:/{NAME}@{CHAMPION}")
-        out = pyfunc.predict(np.full((2, SIZE, SIZE, 1), 100.0, np.float32))
-        assert np.asarray(out).shape == (2, 1)
-    finally:
-        mlflow.set_tracking_uri("")
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=model_artifact_uri(client, uri), dst_path=str(tmp_path / "pyfunc"),
+        tracking_uri=server.url)
+    pyfunc = mlflow.pyfunc.load_model(local)
+    good = preds["path"].tolist()
+    out = np.asarray(pyfunc.predict(load_images(good, image_size)), np.float64).ravel()
+    assert np.ptp(out) > 0.05  # the model's outputs differ across files: a real comparison
+    np.testing.assert_allclose(out, preds["probability"].to_numpy(), atol=1e-5)
+
+
+def test_load_mlflow3_logged_model_by_alias_version_and_id(server, client, exp_id, model_dir,
+                                                           model_name, image_size,
+                                                           tmp_path) -> None:
+    """A version registered the MLflow 3 way: its source is the logged model (models:/m-...),
+    not a run artifact path."""
+    import keras
+
+    from cxr_core.lifecycle.predict import load_model
+
+    run_id = start_run(client, exp_id, "final-training")
+    logged = client.create_logged_model(exp_id, name="model", source_run_id=run_id)
+    local = save_keras_model(model_dir, tmp_path / "model", image_size)
+    client.log_model_artifacts(logged.model_id, str(local))
+    client.finalize_logged_model(logged.model_id, "READY")
+    client.create_registered_model(model_name)
+    mv = client.create_model_version(model_name, source=f"models:/{logged.model_id}",
+                                     run_id=run_id, model_id=logged.model_id)
+    assert mv.source.startswith("models:/m-")
+    client.set_registered_model_alias(model_name, CHAMPION, mv.version)
+    x = np.random.default_rng(1).uniform(0, 255, (4, image_size, image_size, 1)).astype("float32")
+    expected = np.asarray(keras.models.load_model(model_dir / "model.keras")(x)).ravel()
+    for uri in (f"models:/{model_name}@{CHAMPION}", f"models:/{model_name}/{mv.version}",
+                f"models:/{logged.model_id}"):
+        loaded = load_model(uri, server.url)
+        assert (loaded.threshold, loaded.image_size, loaded.source) == (0.5, image_size, uri)
+        np.testing.assert_allclose(loaded.predict_arrays(x), expected, atol=1e-6)
