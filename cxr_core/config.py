@@ -165,6 +165,15 @@ def _read_yaml(text: str, source: str) -> dict[str, Any]:
     return data
 
 
+def _read_text(path: Path) -> str:
+    """A user's config file as text; ConfigError when it cannot be read (permissions, not
+    UTF-8 text, a folder)."""
+    try:
+        return path.read_text("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc}") from exc
+
+
 def shipped_config_text() -> str:
     """The YAML shipped with the package (defaults and profiles)."""
     return resources.files("cxr_core.configs").joinpath("default.yaml").read_text("utf-8")
@@ -174,7 +183,7 @@ def available_profiles(config_file: Path | None = None) -> list[str]:
     """Names of the shipped profiles plus any the user file defines."""
     names = set(_read_yaml(shipped_config_text(), "shipped default.yaml").get("profiles", {}))
     if config_file is not None:
-        names |= set(_read_yaml(Path(config_file).read_text("utf-8"), str(config_file)).get("profiles") or {})
+        names |= set(_read_yaml(_read_text(Path(config_file)), str(config_file)).get("profiles") or {})
     return sorted(names)
 
 
@@ -191,7 +200,7 @@ def load_config(config_file: Path | None = None, profile: str | None = None) -> 
         path = Path(config_file)
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
-        user = _read_yaml(path.read_text("utf-8"), str(path))
+        user = _read_yaml(_read_text(path), str(path))
         source = str(path)
 
     profiles = deep_merge(shipped.get("profiles") or {}, user.get("profiles") or {})

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cxr_core.errors import InputError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -20,14 +22,22 @@ class DeploymentSpec:
     parameters: dict[str, Any] | None = None
 
 
-def deployment_specs(cron: str, data_dir: str | None, profile: str, cpu_pool: str,
-                     gpu_pool: str) -> list[DeploymentSpec]:
-    """What `cxr deploy` creates."""
-    retrain_params: dict[str, Any] = {"profile": profile}
+def deployment_specs(cron: str | None, data_dir: str | None, profile: str | None,
+                     cpu_pool: str, gpu_pool: str) -> list[DeploymentSpec]:
+    """What `cxr deploy` creates: the retrain deployment ('scheduled' with a cron, else
+    'default', run on demand), promote, batch-predict and the tuner worker. A schedule needs
+    a data folder: without one every run would retrain on the synthetic demo set."""
+    if cron and not data_dir:
+        raise InputError("a scheduled retrain needs a data folder (as the worker sees it): "
+                         "give --data-dir, or deploy without a schedule (--no-schedule)")
+    retrain_params: dict[str, Any] = {}
+    if profile:
+        retrain_params["profile"] = profile
     if data_dir:
         retrain_params["data_dir"] = data_dir
     return [
-        DeploymentSpec("scheduled", "flows/retrain.py:retrain_flow", cpu_pool, cron, retrain_params),
+        DeploymentSpec("scheduled" if cron else "default", "flows/retrain.py:retrain_flow",
+                       cpu_pool, cron or None, retrain_params),
         DeploymentSpec("default", "flows/promote.py:promote_flow", cpu_pool),
         DeploymentSpec("default", "flows/batch_predict.py:batch_predict_flow", cpu_pool),
         DeploymentSpec(gpu_pool, "flows/tune_worker.py:tune_worker_flow", gpu_pool),

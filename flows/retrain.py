@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +13,17 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from cxr_core.config import load_config
-from cxr_core.errors import ConfigError, GateRejected
+from cxr_core.errors import CxrError, GateRejected
 from cxr_core.settings import Settings, get_settings
-from cxr_core.stages import new_run_dir
 from flows import tasks
+from flows.run_spec import (
+    RunSpec,
+    check_resume_args,
+    create_run,
+    default_profile,
+    load_run,
+    record_data,
+)
 
 
 def ensure_demo_data(settings: Settings, n_per_class: int, size: int, seed: int) -> Path:
@@ -49,100 +57,162 @@ def _summary_markdown(result: dict[str, Any], decision: Any, evaluation: Any) ->
 
 
 @flow(name="retrain", log_prints=True)
-def retrain_flow(data_dir: str | None = None, profile: str = "quick",
+def retrain_flow(data_dir: str | None = None, profile: str | None = None,
                  config: str | None = None, tuner_workers: int = 0,
                  resume: str | None = None) -> dict[str, Any]:
-    """Retrain on ``data_dir`` (default: the synthetic demo set) with a config profile; ends
-    Failed with the reason when validation or the gates reject. ``tuner_workers`` > 0 runs the
-    search distributed: that many workers as runs of the tuner-worker deployment (e.g. on the
-    gpu pool), the chief beside this flow. ``resume`` names an earlier run (its work directory
-    under <home>/runs) to continue: completed tuner trials are not rerun."""
+    """Retrain on ``data_dir`` (default: the synthetic demo set) with a config profile
+    (default: 'full' with a data folder, 'quick' without); ends Failed with the reason when
+    validation or the gates reject. ``tuner_workers`` > 0 runs the search distributed: that
+    many workers as runs of the tuner-worker deployment (e.g. on the gpu pool), the chief
+    beside this flow. ``resume`` names an earlier run (its work directory under <home>/runs)
+    to continue with the data folder, profile and config it started with: completed tuner
+    trials are not rerun, and changed data is refused."""
     logger = get_run_logger()
     settings = get_settings()
+    spec = open_run(settings, data_dir, profile, config, resume)
+    logger.info("run dir %s, data %s, profile %s, tracking %s", spec.run_dir, spec.data_dir,
+                spec.profile, settings.mlflow_tracking_uri)
+    logger.info("if this run is interrupted, continue it with: %s", spec.resume_command)
+    try:
+        return _retrain(settings, spec, tuner_workers, resumed=bool(resume))
+    except CxrError as exc:
+        exc.details.setdefault("run_dir", str(spec.run_dir))  # reports name the work directory
+        raise
+
+
+def open_run(settings: Settings, data_dir: str | None, profile: str | None,
+             config: str | None, resume: str | None) -> RunSpec:
+    """The run to work in: the stored inputs of ``resume`` (explicit ones must agree), or a
+    new work directory recording these inputs (the demo data set when ``data_dir`` is None)."""
+    if resume:
+        spec = load_run(settings.runs_dir, resume)
+        check_resume_args(spec, data_dir, profile, config)
+        return spec
+    profile = profile or default_profile(data_dir)
     cfg = load_config(Path(config) if config else None, profile)
     data = Path(data_dir) if data_dir else ensure_demo_data(
         settings, cfg.synth.n_per_class, cfg.synth.size, cfg.seed)
-    if resume:
-        run_dir = settings.runs_dir / resume
-        if not run_dir.is_dir():
-            raise ConfigError(f"cannot resume {resume!r}: {run_dir} does not exist")
-    else:
-        run_dir = new_run_dir(settings.runs_dir)
-    uri = settings.mlflow_tracking_uri
-    logger.info("run dir %s, data %s, profile %s, tracking %s", run_dir, data, cfg.profile, uri)
+    return create_run(settings.runs_dir, data, profile, cfg)
 
-    refs = tasks.start_tracking(uri, settings.experiment_name, cfg, run_dir, data,
+
+@dataclass
+class _Outcome:
+    """What the stages produced, for the result, the artifacts and the gate verdict."""
+
+    spec: RunSpec
+    refs: Any
+    uploaded: list[str]
+    trials: list[Any]
+    trained: Any
+    evaluated: Any
+    decision: Any
+    timings: dict[str, float]
+
+
+def _retrain(settings: Settings, spec: RunSpec, tuner_workers: int, resumed: bool) -> dict[str, Any]:
+    """Track, run the stages, publish the result; GateRejected (with the result in its
+    details) when the gates reject."""
+    uri = settings.mlflow_tracking_uri
+    cfg = spec.config()
+    refs = tasks.start_tracking(uri, settings.experiment_name, cfg, spec.run_dir, spec.data_dir,
                                 settings.artifact_location)
-    timings: dict[str, float] = {}
     try:
-        with _timed(timings, "validate"):
-            validated = tasks.validated_data(data, cfg, run_dir)
-        with _timed(timings, "balance"):
-            prepared = tasks.balance(validated.manifest_path, cfg, run_dir)
-            uploaded = tasks.upload_data_artifacts(run_dir)
-        if uploaded:
-            logger.info("data artifacts: %d file(s) under %s", len(uploaded),
-                        uploaded[0].rsplit("/", 1)[0])
-        with _timed(timings, "tune"):
-            if tuner_workers > 0:
-                trials, best_hp = tasks.distributed_tune(
-                    run_dir, cfg, tuner_workers, settings.tuner_worker_deployment,
-                    settings.tuner_oracle_host, profile, config)
-            else:
-                trials, best_hp = tasks.tune(run_dir, cfg)
-        logger.info("search: %d trials, best %s", len(trials), best_hp)
-        with _timed(timings, "train"):
-            trained = tasks.train(run_dir, cfg, best_hp)
-        with _timed(timings, "evaluate"):
-            evaluated = tasks.evaluate(run_dir, cfg, prepared)
-            comparisons, champion = tasks.compare_with_champion(
-                uri, settings.registered_model_name, prepared, cfg.data.image_size,
-                evaluated.predictions_path)
-            decision = tasks.gate(evaluated, cfg, comparisons, champion)
-        with _timed(timings, "log_and_register"):
-            refs = tasks.log_results(uri, refs, settings.registered_model_name, cfg, run_dir,
-                                     validated, trials, trained, evaluated, decision)
-            refs = tasks.register(uri, refs, settings.registered_model_name, decision, trained,
-                                  evaluated, validated.manifest_hash)
+        outcome = _stages(settings, spec, cfg, refs, tuner_workers, resumed)
     except BaseException:
         _end_parent_run(uri, refs.parent_run_id)
         raise
+    result = _result(settings, outcome)
+    get_run_logger().info("stage times (s): %s", result["stage_seconds"])
+    _publish_artifacts(result, outcome)
+    if not outcome.decision.passed:
+        rejected = GateRejected(f"gates rejected the candidate (logged, not registered):\n"
+                                f"{outcome.decision.summary()}", outcome.decision)
+        rejected.details.update(result)
+        raise rejected
+    return result
 
-    result = {
-        "run_dir": str(run_dir),
-        "mlflow_run_id": refs.parent_run_id,
-        "mlflow_final_run_id": refs.final_run_id,
-        "mlflow_run_url": _run_link(uri, refs.experiment_id, refs.parent_run_id),
-        "model_version": refs.model_version,
-        "model_uri": (f"models:/{settings.registered_model_name}/{refs.model_version}"
-                      if refs.model_version else None),
-        "threshold": trained.threshold.threshold,
-        "gate_passed": decision.passed,
-        "data_artifacts": uploaded,
-        "test_metrics": evaluated.evaluation.point(),
+
+def _stages(settings: Settings, spec: RunSpec, cfg: Any, refs: Any, tuner_workers: int,
+            resumed: bool) -> _Outcome:
+    """validate -> balance -> tune -> train -> evaluate -> gate -> log and register."""
+    from cxr_core.data.manifest import listing_fingerprint
+
+    logger = get_run_logger()
+    uri, model_name, run_dir = settings.mlflow_tracking_uri, settings.registered_model_name, spec.run_dir
+    timings: dict[str, float] = {}
+    with _timed(timings, "validate"):
+        fingerprint = listing_fingerprint(spec.data_dir)
+        if resumed:
+            tasks.check_resume_data(spec, cfg, fingerprint)
+        validated = tasks.validated_data(spec.data_dir, cfg, run_dir)
+        spec = record_data(spec, validated.manifest_hash, fingerprint)
+    with _timed(timings, "balance"):
+        prepared = tasks.balance(validated.manifest_path, cfg, run_dir)
+        uploaded = tasks.upload_data_artifacts(run_dir)
+    if uploaded:
+        logger.info("data artifacts: %d file(s) under %s", len(uploaded),
+                    uploaded[0].rsplit("/", 1)[0])
+    with _timed(timings, "tune"):
+        if tuner_workers > 0:
+            trials, best_hp = tasks.distributed_tune(
+                run_dir, cfg, tuner_workers, settings.tuner_worker_deployment,
+                settings.tuner_oracle_host, spec.profile, str(spec.config_path))
+        else:
+            trials, best_hp = tasks.tune(run_dir, cfg)
+    logger.info("search: %d trials, best %s", len(trials), best_hp)
+    with _timed(timings, "train"):
+        trained = tasks.train(run_dir, cfg, best_hp)
+    with _timed(timings, "evaluate"):
+        evaluated = tasks.evaluate(run_dir, cfg, prepared)
+        comparisons, champion = tasks.compare_with_champion(
+            uri, model_name, prepared, cfg.data.image_size, evaluated.predictions_path)
+        decision = tasks.gate(evaluated, cfg, comparisons, champion)
+    with _timed(timings, "log_and_register"):
+        refs = tasks.log_results(uri, refs, model_name, cfg, run_dir, validated, trials, trained,
+                                 evaluated, decision)
+        refs = tasks.register(uri, refs, model_name, decision, trained, evaluated,
+                              validated.manifest_hash)
+    return _Outcome(spec, refs, uploaded, trials, trained, evaluated, decision, timings)
+
+
+def _result(settings: Settings, o: _Outcome) -> dict[str, Any]:
+    """The run's result: registry outcome, metrics, hyperparameters and stage times."""
+    uri, name = settings.mlflow_tracking_uri, settings.registered_model_name
+    return {
+        "run_dir": str(o.spec.run_dir),
+        "data_dir": str(o.spec.data_dir),
+        "profile": o.spec.profile,
+        "mlflow_run_id": o.refs.parent_run_id,
+        "mlflow_final_run_id": o.refs.final_run_id,
+        "mlflow_run_url": _run_link(uri, o.refs.experiment_id, o.refs.parent_run_id),
+        "model_version": o.refs.model_version,
+        "model_uri": f"models:/{name}/{o.refs.model_version}" if o.refs.model_version else None,
+        "threshold": o.trained.threshold.threshold,
+        "gate_passed": o.decision.passed,
+        "data_artifacts": o.uploaded,
+        "test_metrics": o.evaluated.evaluation.point(),
         "robust_worst": {k.removeprefix("robust_worst_"): v
-                         for k, v in evaluated.robustness.items()
+                         for k, v in o.evaluated.robustness.items()
                          if k.startswith("robust_worst_")},
-        "calibration": trained.calibration,
-        "best_hyperparameters": trained.hyperparameters,
-        "trials": len(trials),
-        "stage_seconds": {k: round(v, 1) for k, v in timings.items()},
+        "calibration": o.trained.calibration,
+        "best_hyperparameters": o.trained.hyperparameters,
+        "trials": len(o.trials),
+        "stage_seconds": {k: round(v, 1) for k, v in o.timings.items()},
     }
-    logger.info("stage times (s): %s", result["stage_seconds"])
+
+
+def _publish_artifacts(result: dict[str, Any], o: _Outcome) -> None:
+    """Prefect artifacts: the summary, the test metrics and the tuner trials."""
     create_markdown_artifact(key="retrain-summary",
-                             markdown=_summary_markdown(result, decision, evaluated.evaluation),
+                             markdown=_summary_markdown(result, o.decision, o.evaluated.evaluation),
                              description="Test metrics, gate decision and registry outcome")
     create_table_artifact(key="test-metrics", table=[
         {"metric": k, "value": round(iv.value, 4), "ci_low": round(iv.low, 4),
-         "ci_high": round(iv.high, 4)} for k, iv in evaluated.evaluation.metrics.items()])
+         "ci_high": round(iv.high, 4)} for k, iv in o.evaluated.evaluation.metrics.items()])
     create_table_artifact(key="tuner-trials", table=[
         {"trial": t.trial_id, "score": t.score, "status": t.status,
          **{k: v for k, v in t.hyperparameters.items() if not k.startswith("tuner/")}}
-        for t in trials])
-    if not decision.passed:
-        raise GateRejected(f"gates rejected the candidate (logged, not registered):\n"
-                           f"{decision.summary()}", decision)
-    return result
+        for t in o.trials])
 
 
 @contextmanager

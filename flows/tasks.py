@@ -15,25 +15,13 @@ from prefect.cache_policies import NO_CACHE
 from cxr_core import stages
 from cxr_core.config import ExperimentConfig
 from cxr_core.errors import is_transient
+from flows.clients import mlflow_client
+from flows.run_spec import RunSpec, check_data_unchanged
 
 
 def _retry_on_io(task: Any, task_run: Any, state: Any) -> bool:
     exc = state.result(raise_on_failure=False)
     return isinstance(exc, BaseException) and is_transient(exc)
-
-
-def mlflow_client(tracking_uri: str) -> Any:
-    """An MlflowClient whose own HTTP retries are short: these tasks retry with backoff
-    themselves, and MLflow's default (7 retries, exponential) would hide an outage for
-    minutes before the task even saw it."""
-    import os
-
-    from cxr_core.lifecycle.tracking import make_client
-
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
-    return make_client(tracking_uri)
 
 
 IO_RETRIES = dict(retries=3, retry_delay_seconds=[2, 5, 10], retry_condition_fn=_retry_on_io,
@@ -188,3 +176,9 @@ def distributed_tune(run_dir: Path, cfg: ExperimentConfig, n_workers: int, deplo
         tail = (Path(run_dir) / "tuner-chief.log").read_text(errors="replace")[-2000:]
         raise RuntimeError(f"tuner chief exited with {chief.returncode}:\n{tail}")
     return stages.search_results(run_dir, cfg)
+
+
+@task(name="check-resume-data", **COMPUTE)
+def check_resume_data(spec: RunSpec, cfg: ExperimentConfig, fingerprint: str) -> None:
+    """Refuse a resume on data other than the run's (rescans only when the listing changed)."""
+    check_data_unchanged(spec, cfg, fingerprint)

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from cxr_core.errors import TransientIOError
+from cxr_core.errors import TransientIOError, is_transient
 
 
 def s3_client(endpoint_url: str | None, access_key_id: str | None = None,
@@ -36,19 +36,6 @@ def client_from_settings(settings: Any) -> Any:
     return s3_client(settings.s3_endpoint_url, key, secret)
 
 
-def _transient(exc: Exception) -> bool:
-    from botocore.exceptions import ClientError
-    from botocore.exceptions import ConnectionError as BotoConnectionError
-
-    if isinstance(exc, BotoConnectionError):
-        return True
-    if isinstance(exc, ClientError):
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        return status >= 500 or exc.response.get("Error", {}).get("Code") in {
-            "SlowDown", "RequestTimeout", "ServiceUnavailable", "InternalError"}
-    return False
-
-
 def ensure_bucket(client: Any, bucket: str) -> bool:
     """Create ``bucket`` on first use; returns True when it had to be created."""
     from botocore.exceptions import ClientError
@@ -59,11 +46,11 @@ def ensure_bucket(client: Any, bucket: str) -> bool:
     except ClientError as exc:
         code = exc.response.get("Error", {}).get("Code")
         if code not in ("404", "NoSuchBucket", "NotFound"):
-            if _transient(exc):
+            if is_transient(exc):
                 raise TransientIOError(f"s3://{bucket}: {exc}") from exc
             raise
     except Exception as exc:  # noqa: BLE001 - classified below
-        if _transient(exc):
+        if is_transient(exc):
             raise TransientIOError(f"s3://{bucket}: {exc}") from exc
         raise
     try:
@@ -85,7 +72,7 @@ def upload_files(client: Any, bucket: str, prefix: str, root: Path,
         try:
             client.upload_file(str(path), bucket, key)
         except Exception as exc:  # noqa: BLE001 - classified below
-            if _transient(exc):
+            if is_transient(exc):
                 raise TransientIOError(f"upload of {path} to s3://{bucket}/{key}: {exc}") from exc
             raise
         uris.append(f"s3://{bucket}/{key}")

@@ -1,7 +1,9 @@
 """The ``cxr`` command line: the user's front door, one module per command group.
 
 Commands stay thin: they resolve settings and config, call ``cxr_core`` (or launch a flow)
-and turn outcomes into exit codes: 0 success, 1 rejected (data or gate), 2 bad usage/input.
+and turn outcomes into exit codes: 0 success, 1 rejected (data, gates, promotion), 2 bad
+usage or input (missing folder, bad layout, unknown run or version, bad config, unreachable
+service). Expected errors print ``error: ...`` and never a traceback (common.CxrGroup).
 """
 
 from __future__ import annotations
@@ -9,8 +11,10 @@ from __future__ import annotations
 import typer
 
 from flows.cli import data, deploy, models, predict, run, stack, tune
+from flows.cli.common import CxrGroup, quiet_expected_tracebacks
 
 app = typer.Typer(
+    cls=CxrGroup,
     help="cxr: train, gate, register and promote pneumonia-vs-normal chest X-ray classifiers.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -18,12 +22,13 @@ app = typer.Typer(
 
 
 @app.callback()
-def _use_stack_when_up() -> None:
+def _setup() -> None:
     """cxr: train, gate, register and promote pneumonia-vs-normal chest X-ray classifiers."""
     from cxr_core.settings import get_settings
     from flows.stack import apply_stack_env
 
-    apply_stack_env(get_settings())
+    quiet_expected_tracebacks()
+    apply_stack_env(get_settings())  # use the local stack when it is up
 
 
 app.add_typer(data.app, name="data")
@@ -46,4 +51,3 @@ def main() -> None:
                        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}.items():
         os.environ.setdefault(key, value)
     app()
-

@@ -7,8 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cxr_core.errors import CxrError, Rejection
-from flows.cli.common import ConfigOpt, ProfileOpt, fail, load_cfg
+from flows.cli.common import EXIT_BAD_INPUT, EXIT_REJECTED, ConfigOpt, ProfileOpt, fail, load_cfg
 
 app = typer.Typer(
     help="Data commands: synthesize a demo set, scan a folder into a manifest, validate it.",
@@ -30,7 +29,7 @@ def data_synth(
     try:
         summary = synthesize_dataset(out, n_per_class=n_per_class, size=size, seed=seed)
     except (FileExistsError, ValueError) as exc:
-        fail(str(exc), 2)
+        fail(str(exc), EXIT_BAD_INPUT)
     typer.echo(f"wrote {summary.root} ({summary.n_patients} patients)")
     for split, counts in summary.counts.items():
         typer.echo(f"  {split:5s}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
@@ -51,10 +50,7 @@ def data_scan(
     from cxr_core.data.splits import scan_and_split
 
     cfg = load_cfg(config, profile)
-    try:
-        scan = scan_and_split(data_dir, cfg.data, cfg.seed)
-    except CxrError as exc:
-        fail(str(exc), 2)
+    scan = scan_and_split(data_dir, cfg.data, cfg.seed)
     path = write_manifest(scan.manifest, out)
     quarantine = path.with_name(path.stem + ".quarantine.csv")
     scan.quarantine.to_csv(quarantine, index=False)
@@ -86,12 +82,7 @@ def data_validate(
 
     cfg = load_cfg(config, profile)
     report_dir = report_dir or get_settings().home / "reports" / "validation"
-    try:
-        _, report = validate_dataset(data_dir, cfg.data, cfg.validation, cfg.seed, report_dir)
-    except Rejection as exc:
-        fail(str(exc), 2)
+    _, report = validate_dataset(data_dir, cfg.data, cfg.validation, cfg.seed, report_dir)
     typer.echo(report.summary_text())
     typer.echo(f"  JSON summary: {report_dir / 'validation_summary.json'}")
-    raise typer.Exit(0 if report.passed else 1)
-
-
+    raise typer.Exit(0 if report.passed else EXIT_REJECTED)

@@ -7,43 +7,55 @@ from typing import Annotated
 
 import typer
 
-from flows.cli.common import fail
+from cxr_core.errors import is_transient
+from flows.cli.common import EXIT_BAD_INPUT, fail
 
 
 def deploy_cmd(
-    cron: Annotated[str, typer.Option(help="Retrain schedule (cron, UTC).")] = "0 3 * * 1",
     data_dir: Annotated[Path | None, typer.Option(
-        "--data-dir", help="Data set the scheduled retrain uses (default: demo data).")] = None,
-    profile: Annotated[str, typer.Option(help="Profile of the scheduled retrain.")] = "full",
+        "--data-dir", help="Data set the scheduled retrain uses, as the cpu worker sees it "
+        "(required with a schedule).")] = None,
+    cron: Annotated[str, typer.Option(help="Retrain schedule (cron, UTC).")] = "0 3 * * 1",
+    no_schedule: Annotated[bool, typer.Option(
+        "--no-schedule", help="Deploy the retrain flow without a schedule (retrain/default, "
+        "run on demand with a data_dir parameter); --data-dir is then optional.")] = False,
+    profile: Annotated[str | None, typer.Option(
+        help="Profile of the retrain deployment (default: 'full' with a data folder, "
+        "'quick' without).")] = None,
     cpu_pool: Annotated[str, typer.Option(help="Process work pool for CPU flows.")] = "cpu",
     gpu_pool: Annotated[str, typer.Option(help="Work pool of tuner workers.")] = "gpu",
     gpu_pool_type: Annotated[str, typer.Option(
         help="Type used if the gpu pool must be created: 'process' here, 'kubernetes' in "
         "production with infra/k8s/gpu-work-pool.json.")] = "process",
 ) -> None:
-    """Create the work pools (if missing) and the deployments: scheduled retrain (weekly by
-    default), promote, batch-predict and tune-worker. Needs a Prefect server (cxr stack up, or
-    CXR_PREFECT_API_URL)."""
+    """Create the work pools (if missing) and the deployments: retrain (weekly on --data-dir
+    by default), promote, batch-predict and tune-worker. Needs a Prefect server (cxr stack
+    up, or CXR_PREFECT_API_URL)."""
     import os
 
     from cxr_core.settings import get_settings
     from flows.deploy import deploy_all, deployment_specs, ensure_work_pool
 
+    # The folder is the worker's view (e.g. /data in a container): not checked here.
+    specs = deployment_specs(None if no_schedule else cron,
+                             str(data_dir.resolve()) if data_dir else None, profile,
+                             cpu_pool, gpu_pool)
     settings = get_settings()
     api = os.environ.get("PREFECT_API_URL") or settings.prefect_api_url
     if not api:
-        fail("no Prefect server: run `cxr stack up` or set CXR_PREFECT_API_URL", 2)
+        fail("no Prefect server: run `cxr stack up` or set CXR_PREFECT_API_URL", EXIT_BAD_INPUT)
     os.environ["PREFECT_API_URL"] = api
-    ensure_work_pool(cpu_pool, "process")
-    ensure_work_pool(gpu_pool, gpu_pool_type)
-    specs = deployment_specs(cron, str(data_dir.resolve()) if data_dir else None, profile,
-                             cpu_pool, gpu_pool)
-    deploy_all(specs)
+    try:
+        ensure_work_pool(cpu_pool, "process")
+        ensure_work_pool(gpu_pool, gpu_pool_type)
+        deploy_all(specs)
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        fail(f"the Prefect server at {api} did not answer: {exc}", EXIT_BAD_INPUT)
     for spec in specs:
         flow_name = spec.entrypoint.split(":")[1].removesuffix("_flow").replace("_", "-")
         typer.echo(f"deployed {flow_name}/{spec.name} on pool {spec.pool}"
                    + (f", cron '{spec.cron}'" if spec.cron else ""))
     typer.echo(f"start workers: prefect worker start --pool {cpu_pool}  (and --pool {gpu_pool} "
                "on GPU machines)")
-
-

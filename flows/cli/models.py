@@ -6,8 +6,7 @@ from typing import Annotated
 
 import typer
 
-from cxr_core.errors import Rejection
-from flows.cli.common import fail, registry_client
+from flows.cli.common import EXIT_BAD_INPUT, ConfigOpt, ProfileOpt, fail, load_cfg, registry_client
 
 app = typer.Typer(help="The model registry: versions, aliases and key metrics.",
                   no_args_is_help=True)
@@ -40,18 +39,21 @@ def promote_cmd(
         "--force", help="Promote despite a failed or impossible champion comparison "
         "(never despite failed gates). Needs --reason.")] = False,
     reason: Annotated[str | None, typer.Option("--reason", help="Recorded on the version.")] = None,
+    config: ConfigOpt = None,
+    profile: ProfileOpt = None,
 ) -> None:
     """Compare the challenger (or VERSION) with the champion on the same test images
-    (McNemar), then move 'champion' to it and keep the old one as 'previous-champion', with
-    audit tags (who, when, why, comparison)."""
+    (McNemar at the config's gates.regression_alpha, as the retrain gate does), then move
+    'champion' to it and keep the old one as 'previous-champion', with audit tags (who, when,
+    why, comparison). Exit 1 when the comparison refuses, 2 for an unknown version."""
     from cxr_core.lifecycle.promotion import promote
 
+    if force and not reason:
+        fail("--force needs --reason (it is recorded on the version)", EXIT_BAD_INPUT)
+    alpha = load_cfg(config, profile).gates.regression_alpha
     settings, client = registry_client()
-    try:
-        result = promote(client, settings.registered_model_name, version, force=force,
-                         reason=reason)
-    except Rejection as exc:
-        fail(str(exc), 1)
+    result = promote(client, settings.registered_model_name, version, force=force,
+                     reason=reason, alpha=alpha)
     typer.echo(f"champion -> version {result.promoted_version}"
                + (f" (previous-champion: {result.previous_champion})"
                   if result.previous_champion else "") + (" [forced]" if result.forced else ""))
@@ -69,10 +71,5 @@ def rollback_cmd(
     from cxr_core.lifecycle.promotion import rollback
 
     settings, client = registry_client()
-    try:
-        result = rollback(client, settings.registered_model_name, reason=reason)
-    except Rejection as exc:
-        fail(str(exc), 1)
+    result = rollback(client, settings.registered_model_name, reason=reason)
     typer.echo(f"champion -> version {result.promoted_version} (was {result.previous_champion})")
-
-

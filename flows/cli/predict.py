@@ -7,8 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cxr_core.errors import CxrError
-from flows.cli.common import fail, registry_client
+from flows.cli.common import EXIT_BAD_INPUT, fail
 
 
 def predict_cmd(
@@ -23,18 +22,18 @@ def predict_cmd(
     """Score images with a registered model at its stored threshold. Unreadable files are
     reported (and listed in <output>.errors.csv) and skipped; the run goes on."""
     from cxr_core.lifecycle.predict import collect_paths, load_model, predict_paths, write_predictions
+    from cxr_core.settings import get_settings
+    from flows.clients import short_mlflow_retries
 
-    settings, _ = registry_client()
+    settings = get_settings()
     uri = model or f"models:/{settings.registered_model_name}@champion"
     files, skipped = collect_paths(paths)
     for path, why in skipped:
         typer.echo(f"skipped {path}: {why}", err=True)
     if not files:
-        fail("no image files found in " + ", ".join(str(p) for p in paths), 2)
-    try:
-        loaded = load_model(uri, settings.mlflow_tracking_uri)
-    except CxrError as exc:
-        fail(str(exc), 2)
+        fail("no image files found in " + ", ".join(str(p) for p in paths), EXIT_BAD_INPUT)
+    short_mlflow_retries()
+    loaded = load_model(uri, settings.mlflow_tracking_uri)
     preds, errors = predict_paths(loaded, files, batch_size=batch_size)
     write_predictions(preds, errors, output)
     for row in errors.itertuples():
@@ -43,5 +42,3 @@ def predict_cmd(
     typer.echo(f"{len(preds)} image(s) scored with {uri} (threshold {loaded.threshold:.4f}): "
                f"{n_pos} PNEUMONIA, {len(preds) - n_pos} NORMAL; {len(errors)} unreadable")
     typer.echo(f"wrote {output}")
-
-

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from cxr_core.errors import CxrError, Rejection
-from flows.cli.common import ConfigOpt, fail, load_cfg
+from cxr_core.errors import DataValidationError, GateRejected, Rejection, is_transient
+from flows.cli.common import ConfigOpt, error_message, exit_code, load_cfg
 
 
 def run(
@@ -20,45 +21,79 @@ def run(
         "(default with it).")] = None,
     config: ConfigOpt = None,
     resume: Annotated[str | None, typer.Option(
-        "--resume", help="Continue an interrupted run (its folder name under <home>/runs): "
-        "completed tuner trials are not rerun.")] = None,
+        "--resume", help="Continue an interrupted run (its folder name under <home>/runs) with "
+        "the data folder, profile and config it started with: completed tuner trials are not "
+        "rerun; a resume whose data changed is refused.")] = None,
     tuner_workers: Annotated[int, typer.Option(
         "--tuner-workers", help="Distributed search: start this many tuner workers as runs of "
         "the tune-worker deployment (needs `cxr deploy` and workers on its pool).")] = 0,
     json_out: Annotated[Path | None, typer.Option(
-        "--json-out", help="Also write the run's result (model version, test metrics, stage "
-        "times) to this JSON file, for schedulers and benchmarks.")] = None,
+        "--json-out", help="Also write the outcome to this JSON file, for schedulers and "
+        "benchmarks: 'outcome' (registered, gate_rejected, validation_failed, error), "
+        "'exit_code', 'reason', and the run's result (model version, test metrics, stage "
+        "times) when there is one.")] = None,
 ) -> None:
     """Run the retraining flow: validate -> balance -> tune -> train -> evaluate -> gate ->
     register. Exit 0 when a model was registered, 1 when validation or the gates rejected,
     2 on bad input."""
-    import os
-
     from cxr_core.settings import get_settings
 
     settings = get_settings()
-    profile = profile or ("full" if data_dir else "quick")
-    load_cfg(config, profile)  # fail early on a bad config, before Prefect starts
-    if data_dir is not None and not data_dir.is_dir():
-        fail(f"{data_dir}: not a directory", 2)
+    try:
+        result = _retrain(settings, data_dir, profile, config, resume, tuner_workers)
+    except Exception as exc:
+        if json_out is not None and exit_code(exc) is not None:
+            _write_json(json_out, failure_record(exc))
+        run_dir = getattr(exc, "details", {}).get("run_dir")
+        if run_dir and is_transient(exc):  # an outage: the same run can go on later
+            typer.echo(f"continue this run with: cxr run --resume {Path(run_dir).name}", err=True)
+        raise
+    if json_out is not None:
+        _write_json(json_out, {"outcome": "registered", "exit_code": 0, "reason": None, **result})
+    _print_result(result, settings)
+
+
+def _retrain(settings: Any, data_dir: Path | None, profile: str | None, config: Path | None,
+             resume: str | None, tuner_workers: int) -> dict[str, Any]:
+    """Check the inputs (in a second, before Prefect starts), then run the flow."""
+    import os
+
+    from cxr_core.data.manifest import find_data_root
+    from flows.run_spec import check_resume_args, default_profile, load_run
+
+    if resume:
+        check_resume_args(load_run(settings.runs_dir, resume), data_dir, profile, config)
+    else:
+        load_cfg(config, profile or default_profile(data_dir))
+        if data_dir is not None:
+            find_data_root(data_dir)  # DataLayoutError: not a folder, no train/val/test inside
     if settings.prefect_api_url:
         os.environ.setdefault("PREFECT_API_URL", settings.prefect_api_url)
     from flows.retrain import retrain_flow
 
-    try:
-        result = retrain_flow(data_dir=str(data_dir.resolve()) if data_dir else None,
-                              profile=profile, config=str(config.resolve()) if config else None,
-                              tuner_workers=tuner_workers, resume=resume)
-    except Rejection as exc:
-        fail(str(exc), 1)
-    except CxrError as exc:
-        fail(str(exc), 2)
-    metrics = result["test_metrics"]
-    if json_out is not None:
-        import json
+    return retrain_flow(data_dir=str(data_dir.resolve()) if data_dir else None, profile=profile,
+                        config=str(config.resolve()) if config else None,
+                        tuner_workers=tuner_workers, resume=resume)
 
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
+
+def failure_record(exc: BaseException) -> dict[str, Any]:
+    """The --json-out record of a run that registered nothing: what happened and why, with
+    whatever the run produced (its work directory; metrics and gates when they rejected)."""
+    outcome = ("gate_rejected" if isinstance(exc, GateRejected) else
+               "validation_failed" if isinstance(exc, DataValidationError) else
+               "rejected" if isinstance(exc, Rejection) else "error")
+    details = getattr(exc, "details", {})
+    return {**details, "outcome": outcome, "exit_code": exit_code(exc),
+            "reason": error_message(exc), "model_version": details.get("model_version")}
+
+
+def _write_json(path: Path, record: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
+
+
+def _print_result(result: dict[str, Any], settings: Any) -> None:
+    metrics = result["test_metrics"]
     typer.echo("")
     typer.echo(f"registered {result['model_uri']} (alias 'challenger'); threshold "
                f"{result['threshold']:.4f}")
@@ -66,8 +101,7 @@ def run(
                                     ("accuracy", "recall", "specificity", "roc_auc")))
     typer.echo(f"{result['trials']} tuner trials; stage times (s): " + ", ".join(
         f"{k} {v:.0f}" for k, v in result["stage_seconds"].items()))
-    typer.echo(f"work directory: {result['run_dir']} (resume with --resume "
-               f"{Path(result['run_dir']).name})")
+    typer.echo(f"work directory: {result['run_dir']}")
     uri = settings.mlflow_tracking_uri
     if uri.startswith("sqlite"):
         typer.echo(f"MLflow UI: mlflow ui --backend-store-uri {uri} --port 5000, then open "
@@ -76,4 +110,3 @@ def run(
         typer.echo(f"MLflow UI: {uri}/#/experiments")
     typer.echo("next: cxr models list | cxr promote | cxr predict --model "
                f"models:/{settings.registered_model_name}@champion IMAGES...")
-

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from flows.cli.common import fail
+from flows.cli.common import EXIT_BAD_INPUT, fail
 
 app = typer.Typer(help="The local stack on 127.0.0.1: MLflow server, Prefect server and "
                   "optionally an S3 endpoint, as background processes.",
@@ -29,7 +29,7 @@ def stack_up(
         state = stack.up(get_settings(), with_s3=s3, mlflow_port=mlflow_port,
                          prefect_port=prefect_port)
     except (RuntimeError, TimeoutError) as exc:
-        fail(str(exc), 2)
+        fail(str(exc), EXIT_BAD_INPUT)
     for name, svc in state["services"].items():
         typer.echo(f"{name:8s} {svc['url']}  (pid {svc['pid']}, log {svc['log']})")
     typer.echo(f"MLflow UI: {state['services']['mlflow']['url']}/#/experiments")
@@ -59,5 +59,3 @@ def stack_status() -> None:
         typer.echo(f"{svc.name:8s} {svc.url:32s} pid {svc.pid:<7d} "
                    f"{'running' if alive else 'DEAD':8s} {'healthy' if healthy else 'UNHEALTHY'}")
     raise typer.Exit(0 if all(h for _, _, h in rows) else 1)
-
-

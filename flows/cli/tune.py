@@ -7,8 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cxr_core.errors import CxrError, Rejection
-from flows.cli.common import ConfigOpt, ProfileOpt, fail, load_cfg
+from flows.cli.common import EXIT_BAD_INPUT, ConfigOpt, ProfileOpt, fail, load_cfg
 
 app = typer.Typer(
     help="Distributed hyperparameter search: one chief serves Keras Tuner's oracle, workers "
@@ -27,7 +26,8 @@ OraclePortOpt = Annotated[int | None, typer.Option(
 
 def _oracle(ip: str | None, port: int | None) -> tuple[str, int]:
     if not ip or not port:
-        fail("--oracle-ip and --oracle-port (or KERASTUNER_ORACLE_IP/PORT) are required", 2)
+        fail("--oracle-ip and --oracle-port (or KERASTUNER_ORACLE_IP/PORT) are required",
+             EXIT_BAD_INPUT)
     return ip, port
 
 
@@ -49,19 +49,16 @@ def tune_chief(
     from cxr_core.training.search import set_role
 
     cfg = load_cfg(config, profile)
-    set_role("chief", *_oracle(oracle_ip, oracle_port))
-    try:
-        if not (work_dir / PREPARED_MANIFEST).is_file():
-            if data_dir is None:
-                fail(f"{work_dir / PREPARED_MANIFEST} does not exist: give --data-dir", 2)
-            prepare_stage(data_dir, cfg, work_dir)
-        from cxr_core.training.search import tune_from_manifest
+    oracle = _oracle(oracle_ip, oracle_port)
+    prepared = (work_dir / PREPARED_MANIFEST).is_file()
+    if not prepared and data_dir is None:
+        fail(f"{work_dir / PREPARED_MANIFEST} does not exist: give --data-dir", EXIT_BAD_INPUT)
+    set_role("chief", *oracle)
+    if not prepared:
+        prepare_stage(data_dir, cfg, work_dir)
+    from cxr_core.training.search import tune_from_manifest
 
-        tuner, trials = tune_from_manifest(work_dir, cfg, chief=True)
-    except Rejection as exc:
-        fail(str(exc), 1)
-    except CxrError as exc:
-        fail(str(exc), 2)
+    tuner, trials = tune_from_manifest(work_dir, cfg, chief=True)
     _print_trials(trials)
 
 
@@ -83,12 +80,7 @@ def tune_worker(
 
     cfg = load_cfg(config, profile)
     ip, port = _oracle(oracle_ip, oracle_port)
-    try:
-        trials = run_worker(work_dir, cfg, tuner_id, ip, port, wait_s)
-    except Rejection as exc:
-        fail(str(exc), 1)
-    except CxrError as exc:
-        fail(str(exc), 2)
+    trials = run_worker(work_dir, cfg, tuner_id, ip, port, wait_s)
     mine = sum(t.tuner_id == tuner_id for t in trials)
     typer.echo(f"worker {tuner_id} done: ran {mine} of {len(trials)} trials")
 
@@ -98,4 +90,3 @@ def _print_trials(trials) -> None:
     typer.echo(f"{len(trials)} trial(s), {len(scored)} scored")
     for t in sorted(scored, key=lambda t: t.score, reverse=True)[:5]:
         typer.echo(f"  trial {t.trial_id}: score {t.score:.4f} {t.hyperparameters}")
-

@@ -52,7 +52,10 @@ def test_stack_status_and_clients_use_it(stack_env) -> None:
 
 def test_deploy_then_retrain_with_two_tuner_workers(stack_env, tmp_path) -> None:
     env, home = stack_env
-    dep = _cxr(["deploy", "--profile", "quick"], env)
+    data = make_good_dataset(tmp_path / "data", n_patients=10, imgs=2)
+    refused = _cxr(["deploy", "--profile", "quick"], env)  # a schedule needs a data folder
+    assert refused.returncode == 2 and "--data-dir" in refused.stderr
+    dep = _cxr(["deploy", "--profile", "quick", "--data-dir", str(data)], env)
     assert dep.returncode == 0, dep.stdout + dep.stderr
     assert "tune-worker/gpu on pool gpu" in dep.stdout and "cron '0 3 * * 1'" in dep.stdout
     state = json.loads((home / "stack" / "stack.json").read_text())
@@ -61,7 +64,6 @@ def test_deploy_then_retrain_with_two_tuner_workers(stack_env, tmp_path) -> None
                                        "--pool", "gpu", "--type", "process"],
                             tmp_path / "worker.log", worker_env)
     try:
-        data = make_good_dataset(tmp_path / "data", n_patients=10, imgs=2)
         cfg = tmp_path / "c.yaml"
         cfg.write_text(json.dumps({
             "data": {"image_size": 32, "min_val_images": 0},
