@@ -21,7 +21,14 @@ from typing import Any
 from cxr_core.config import ExperimentConfig
 from cxr_core.errors import DataValidationError
 from cxr_core.evaluation.scoring import EvaluatedModel, evaluate_test_split, test_split
-from cxr_core.lifecycle.tracking import TrackingRefs, log_pipeline_results, start_pipeline_run
+from cxr_core.lifecycle.tracking import (
+    LiveTracking,
+    TrackingRefs,
+    live_run,
+    log_pipeline_results,
+    start_pipeline_run,
+    tracking_env,
+)
 
 
 def new_run_dir(runs_dir: Path) -> Path:
@@ -104,11 +111,14 @@ def prepare_stage(data_dir: Path, cfg: ExperimentConfig, run_dir: Path) -> Path:
     return balance_stage(validate_stage(data_dir, cfg, run_dir).manifest_path, cfg, run_dir)
 
 
-def tune_stage(run_dir: Path, cfg: ExperimentConfig, verbose: int = 0) -> tuple[list[Any], dict[str, Any]]:
-    """Search (or resume) over the prepared manifest: (trial results, best hyperparameters)."""
+def tune_stage(run_dir: Path, cfg: ExperimentConfig, verbose: int = 0,
+               live: LiveTracking | None = None) -> tuple[list[Any], dict[str, Any]]:
+    """Search (or resume) over the prepared manifest: (trial results, best hyperparameters).
+    With ``live``, every trial is an MLflow run while it trains."""
     from cxr_core.training.search import best_hyperparameters, tune_from_manifest
 
-    tuner, trials = tune_from_manifest(run_dir, cfg, verbose=verbose)
+    with tracking_env(live):
+        tuner, trials = tune_from_manifest(run_dir, cfg, verbose=verbose)
     best = best_hyperparameters(tuner)
     (Path(run_dir) / "best_hyperparameters.json").write_text(json.dumps(best, indent=2))
     return trials, best
@@ -124,8 +134,11 @@ def search_results(run_dir: Path, cfg: ExperimentConfig) -> tuple[list[Any], dic
     return collect_trials(tuner), best
 
 
-def train_stage(run_dir: Path, cfg: ExperimentConfig, best_hp: dict[str, Any], verbose: int = 0) -> Any:
-    """Final training of the best hyperparameters; model + threshold under run_dir/model."""
+def train_stage(run_dir: Path, cfg: ExperimentConfig, best_hp: dict[str, Any], verbose: int = 0,
+                live: LiveTracking | None = None) -> Any:
+    """Final training of the best hyperparameters; model + threshold under run_dir/model.
+    With ``live``, the final-training run exists from the first epoch to the saved model
+    (per-epoch metrics as they come, system metrics), and its id is ``.run_id``."""
     from cxr_core.data.balance import PREPARED_MANIFEST, BalancedTrainSet, class_weight_for
     from cxr_core.data.inputs import configure_tensorflow, make_datasets
     from cxr_core.data.manifest import read_manifest
@@ -134,7 +147,16 @@ def train_stage(run_dir: Path, cfg: ExperimentConfig, best_hp: dict[str, Any], v
     configure_tensorflow(cfg.data.intra_op_threads, cfg.data.inter_op_threads)
     manifest = read_manifest(Path(run_dir) / PREPARED_MANIFEST)
     datasets = make_datasets(BalancedTrainSet(manifest, None, class_weight_for(manifest, cfg)), cfg)
-    return train_best(best_hp, datasets, cfg, run_dir, verbose=verbose)
+    if live is None:
+        return train_best(best_hp, datasets, cfg, run_dir, verbose=verbose)
+    from cxr_core.training.callbacks import mlflow_epoch_logger
+
+    params = {**cfg.flat(), **{f"hp.{k}": v for k, v in best_hp.items()}}
+    with live_run(live, "final-training", params, {"cxr.stage": "final"}) as (client, run_id):
+        trained = train_best(best_hp, datasets, cfg, run_dir, verbose=verbose,
+                             callbacks=[mlflow_epoch_logger(client, run_id)])
+    trained.run_id = run_id
+    return trained
 
 
 def evaluate_stage(run_dir: Path, cfg: ExperimentConfig, manifest_path: Path,
@@ -182,6 +204,16 @@ def start_tracking(client: Any, experiment_name: str, cfg: ExperimentConfig, run
                    data_dir: Path, artifact_location: str | None = None) -> TrackingRefs:
     """The parent run of this pipeline run, with the full config as params."""
     return start_pipeline_run(client, experiment_name, cfg, run_dir, data_dir, artifact_location)
+
+
+def live_tracking(tracking_uri: str, refs: TrackingRefs, validated: ValidatedData,
+                  cfg: ExperimentConfig) -> LiveTracking:
+    """Where the search's trials and the final training log themselves while they run: the
+    pipeline's parent run, with the data and code identity every run carries."""
+    from cxr_core.lifecycle.tracking import standard_tags
+
+    return LiveTracking(tracking_uri, refs.experiment_id, refs.parent_run_id,
+                        standard_tags(validated.manifest_hash, validated.data_root, cfg.profile))
 
 
 def log_results(client: Any, refs: TrackingRefs, model_name: str, cfg: ExperimentConfig,

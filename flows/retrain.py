@@ -12,6 +12,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from cxr_core import stages
 from cxr_core.config import load_config
 from cxr_core.errors import CxrError, GateRejected
 from cxr_core.settings import Settings, get_settings
@@ -146,6 +147,7 @@ def _stages(settings: Settings, spec: RunSpec, cfg: Any, refs: Any, tuner_worker
             tasks.check_resume_data(spec, cfg, fingerprint)
         validated = tasks.validated_data(spec.data_dir, cfg, run_dir)
         spec = record_data(spec, validated.manifest_hash, fingerprint)
+    live = stages.live_tracking(uri, refs, validated, cfg)  # trials and training log as they run
     with _timed(timings, "balance"):
         prepared = tasks.balance(validated.manifest_path, cfg, run_dir)
         uploaded = tasks.upload_data_artifacts(run_dir)
@@ -158,10 +160,10 @@ def _stages(settings: Settings, spec: RunSpec, cfg: Any, refs: Any, tuner_worker
                 run_dir, cfg, tuner_workers, settings.tuner_worker_deployment,
                 settings.tuner_oracle_host, spec.profile, str(spec.config_path))
         else:
-            trials, best_hp = tasks.tune(run_dir, cfg)
+            trials, best_hp = tasks.tune(run_dir, cfg, live)
     logger.info("search: %d trials, best %s", len(trials), best_hp)
     with _timed(timings, "train"):
-        trained = tasks.train(run_dir, cfg, best_hp)
+        trained = tasks.train(run_dir, cfg, best_hp, live)
     with _timed(timings, "evaluate"):
         evaluated = tasks.evaluate(run_dir, cfg, prepared)
         comparisons, champion = tasks.compare_with_champion(

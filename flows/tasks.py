@@ -65,13 +65,16 @@ def balance(manifest_path: Path, cfg: ExperimentConfig, run_dir: Path) -> Path:
 
 
 @task(name="tune", **COMPUTE)
-def tune(run_dir: Path, cfg: ExperimentConfig) -> tuple[list[Any], dict[str, Any]]:
-    return stages.tune_stage(run_dir, cfg)
+def tune(run_dir: Path, cfg: ExperimentConfig,
+         live: Any | None = None) -> tuple[list[Any], dict[str, Any]]:
+    """``live``: a LiveTracking, so each trial is an MLflow run while it trains."""
+    return stages.tune_stage(run_dir, cfg, live=live)
 
 
 @task(name="train", **COMPUTE)
-def train(run_dir: Path, cfg: ExperimentConfig, best_hp: dict[str, Any]) -> Any:
-    return stages.train_stage(run_dir, cfg, best_hp)
+def train(run_dir: Path, cfg: ExperimentConfig, best_hp: dict[str, Any], live: Any | None = None) -> Any:
+    """``live``: a LiveTracking, so the final training is an MLflow run while it trains."""
+    return stages.train_stage(run_dir, cfg, best_hp, live=live)
 
 
 @task(name="evaluate", **COMPUTE)

@@ -178,3 +178,60 @@ Confusion matrix: TN {cm['tn']}, FP {cm['fp']}, FN {cm['fn']}, TP {cm['tp']}.
 {lims}
 
 {registry_section(name, version, aliases, getattr(decision, 'passed', None))}"""
+
+
+SUMMARY_METRICS = ("accuracy", "recall", "specificity", "precision", "roc_auc")
+MAX_DESCRIPTION = 4000  # well under MLflow's limit on a description
+
+
+def _interval_cell(evaluation: Any, metric: str) -> str:
+    iv = evaluation.metrics.get(metric)
+    return "n/a" if iv is None else f"{iv.value:.3f} ({iv.low:.3f}-{iv.high:.3f})"
+
+
+def metrics_rows(evaluations: Mapping[str, Any], metrics: Sequence[str] = SUMMARY_METRICS) -> str:
+    """A markdown table, one row per named evaluation (test split, each external set), each
+    key metric with its 95% interval."""
+    head = "| images | n | " + " | ".join(metrics) + " |"
+    rule = "| --- | --- | " + " | ".join("---" for _ in metrics) + " |"
+    rows = [f"| {name} | {ev.n} | " + " | ".join(_interval_cell(ev, m) for m in metrics) + " |"
+            for name, ev in evaluations.items()]
+    return "\n".join([head, rule, *rows])
+
+
+def card_summary(evaluation: Any, decision: Any, data_summary: Mapping[str, Any],
+                 external: Mapping[str, Any] | None = None) -> str:
+    """The short form of the card, for the registry's version description and the run's
+    description: intended use, data, test (and external) metrics with intervals, the gate
+    verdict. ``external``: external set name -> its Evaluation (none yet: an empty mapping)."""
+    counts = data_summary.get("split_counts") or {}
+    split_text = ", ".join(f"{split} {sum(c.values())}" for split, c in counts.items()) or "n/a"
+    verdict = "PASSED" if decision.passed else "REJECTED"
+    failed = ", ".join(c.name for c in decision.failed) or "none"
+    text = f"""**Intended use.** {INTENDED_USE}
+
+**Data.** `{data_summary.get('data_root')}` (manifest `{str(data_summary.get('manifest_hash'))[:16]}`;
+images per split: {split_text}).
+
+**Metrics** at the model's threshold, 95% bootstrap intervals:
+
+{metrics_rows({'test split': evaluation, **{f'external: {k}': v for k, v in (external or {}).items()}})}
+
+**Gates: {verdict}** (failed checks: {failed}{
+    f'; compared with champion version {decision.champion_version}' if decision.champion_version else ''}).
+
+Full model card: `{MODEL_CARD_ARTIFACT}` in the run's artifacts; gate detail in `gate_decision.md`."""
+    return text[:MAX_DESCRIPTION]
+
+
+def gate_markdown(decision: Any) -> str:
+    """The gate decision as a readable artifact (the JSON twin stays for programs)."""
+    rows = "\n".join(
+        f"| {c.name} | {'pass' if c.passed else '**FAIL**'} | "
+        f"{'n/a' if c.value is None else f'{c.value:.4f}'} | "
+        f"{'' if c.threshold is None else f'{c.comparison} {c.threshold:.4f}'} | {c.detail} |"
+        for c in decision.checks)
+    notes = "".join(f"\n- {n}" for n in decision.notes)
+    return (f"# Gate decision: {'PASSED' if decision.passed else 'REJECTED'}\n\n"
+            f"| check | result | value | limit | detail |\n| --- | --- | --- | --- | --- |\n{rows}\n"
+            + (f"\nNotes:{notes}\n" if notes else ""))

@@ -22,8 +22,11 @@ from cxr_core.lifecycle.registry import (
     CHAMPION,
     GATE_TAG,
     PREVIOUS,
+    PROMOTION_REPORT_TAG,
+    THRESHOLD_TAG,
     _set_alias,
     alias_version,
+    describe_registered_model,
     refresh_model_cards,
     version_test_predictions,
 )
@@ -137,7 +140,7 @@ def promote(client: Any, name: str, version: str | None = None, force: bool = Fa
     champion = alias_version(client, name, CHAMPION)
     if champion is not None and str(champion.version) == str(candidate.version):
         raise PromotionRejected(f"version {candidate.version} is already the champion")
-    comparison = _judge_against(client, candidate, champion, alpha, force)
+    comparison = _judge_against(client, name, candidate, champion, alpha, force)
     displaced = alias_version(client, name, PREVIOUS)  # loses its alias below
     now = datetime.now(UTC).isoformat(timespec="seconds")
     audit = {
@@ -145,7 +148,7 @@ def promote(client: Any, name: str, version: str | None = None, force: bool = Fa
         "cxr.promoted_at": now,
         "cxr.promotion_reason": reason or "passed champion comparison",
         "cxr.promotion_forced": str(force).lower(),
-        "cxr.promotion_comparison": json.dumps(comparison)[:5000] if comparison else "none",
+        "cxr.promotion_comparison": comparison_tag(comparison),
     }
     if champion is not None:
         _set_alias(client, name, PREVIOUS, champion.version)
@@ -157,14 +160,78 @@ def promote(client: Any, name: str, version: str | None = None, force: bool = Fa
         client.delete_registered_model_alias(name, CHALLENGER)
     refresh_model_cards(client, name, [candidate.version, champion and champion.version,
                                        displaced and displaced.version])
+    if champion is not None and comparison is not None:
+        outcome = f"promoted{' by force: ' + reason if force else ''} ({now})"
+        log_comparison_report(client, name, candidate, champion, comparison, alpha, outcome)
+    elif champion is None:
+        note_on_version(client, name, candidate.version,
+                        f"Promoted to champion ({now}): first champion, nothing to compare with.")
+    describe_registered_model(client, name)
     return PromotionResult(str(candidate.version), str(champion.version) if champion else None,
                            force, comparison)
 
 
-def _judge_against(client: Any, candidate: Any, champion: Any | None, alpha: float,
+def comparison_tag(comparison: dict[str, Any] | None) -> str:
+    """A short, readable tag for the comparison (the detail is the report artifact)."""
+    if not comparison:
+        return "none"
+    p = {c["name"]: c.get("value") for c in comparison["checks"]}
+    shown = ", ".join(f"{k} p={v:.3g}" for k, v in p.items() if v is not None)
+    return (f"{'passed' if comparison['passed'] else 'FAILED'} on {comparison['shared_images']} "
+            f"shared images ({shown})")[:250]
+
+
+def note_on_version(client: Any, name: str, version: str, note: str) -> None:
+    """Set the promotion note at the end of the version's description (replacing an
+    earlier one), under the model card summary."""
+    marker = "\n\n---\n**Promotion.** "
+    current = (client.get_model_version(name, version).description or "").split(marker, 1)[0]
+    client.update_model_version(name, version, description=f"{current}{marker}{note}")
+
+
+def log_comparison_report(client: Any, name: str, candidate: Any, champion: Any,
+                          comparison: dict[str, Any], alpha: float, outcome: str) -> str | None:
+    """Log the side-by-side report (markdown and JSON) to the candidate's run, tag the
+    version with its location and note it in the version's description. Returns the
+    artifact path (None when a version lacks recorded test predictions)."""
+    from cxr_core.lifecycle import comparison_report as cr
+
+    preds = {role: version_test_predictions(client, mv)
+             for role, mv in (("candidate", candidate), ("champion", champion))}
+    if any(p is None for p in preds.values()):
+        return None
+    thresholds = {role: float((mv.tags or {}).get(THRESHOLD_TAG, 0.5))
+                  for role, mv in (("candidate", candidate), ("champion", champion))}
+    sets = {"Shared test images": cr.compare_set(cr.paired_rows(preds["candidate"], preds["champion"]),
+                                                 thresholds)}
+    external = {role: cr.external_predictions(client, mv.run_id)
+                for role, mv in (("candidate", candidate), ("champion", champion))}
+    for set_name in sorted(external["candidate"].keys() & external["champion"].keys()):
+        joined = cr.paired_rows(*(cr.with_threshold(external[r][set_name], thresholds[r])
+                                  for r in ("candidate", "champion")))
+        if len(joined):
+            sets[f"External set {set_name}"] = cr.compare_set(joined, thresholds)
+    verdict = {"outcome": outcome, "alpha": alpha, "passed": bool(comparison["passed"]),
+               "shared_images": comparison["shared_images"]}
+    path = cr.report_path(str(champion.version))
+    client.log_text(candidate.run_id, cr.render_report(name, str(candidate.version),
+                                                       str(champion.version), verdict, sets), path)
+    client.log_text(candidate.run_id, json.dumps(cr.report_json(sets, verdict), indent=2, default=str),
+                    path.removesuffix(".md") + ".json")
+    client.set_model_version_tag(name, candidate.version, PROMOTION_REPORT_TAG,
+                                 f"runs:/{candidate.run_id}/{path}")
+    note_on_version(client, name, candidate.version,
+                    f"Against champion version {champion.version}: {outcome}; "
+                    f"{comparison_tag(comparison)}. Side-by-side report: `{path}` in run "
+                    f"{candidate.run_id}.")
+    return path
+
+
+def _judge_against(client: Any, name: str, candidate: Any, champion: Any | None, alpha: float,
                    force: bool) -> dict[str, Any] | None:
     """The comparison with the champion (None without one); raises PromotionRejected on a
-    significant regression or too few shared images, unless ``force``."""
+    significant regression or too few shared images, unless ``force``. A rejection still
+    logs the comparison report, so the UI shows why."""
     if champion is None:
         return None
     try:
@@ -174,6 +241,8 @@ def _judge_against(client: Any, candidate: Any, champion: Any | None, alpha: flo
             raise
         return None
     if not comparison["passed"] and not force:
+        log_comparison_report(client, name, candidate, champion, comparison, alpha,
+                              "not promoted: significant regression against the champion")
         raise PromotionRejected(
             f"version {candidate.version} regresses significantly against champion "
             f"{champion.version}: {json.dumps(comparison['checks'])}")
@@ -199,5 +268,6 @@ def rollback(client: Any, name: str, reason: str | None = None, actor: str | Non
                        "cxr.rollback_from": str(current.version) if current else "none"}.items():
         client.set_model_version_tag(name, previous.version, key, value)
     refresh_model_cards(client, name, [previous.version, current and current.version])
+    describe_registered_model(client, name)
     return PromotionResult(str(previous.version), str(current.version) if current else None,
                            False, None)

@@ -9,7 +9,6 @@ Only a version tagged ``cxr.gate_passed=true`` can ever become champion, even wi
 from __future__ import annotations
 
 import hashlib
-import json
 import posixpath
 import tempfile
 import time
@@ -30,6 +29,7 @@ PREVIOUS = "previous-champion"
 MODEL_ARTIFACT = "model"
 PREDICTIONS_ARTIFACT = "evaluation/test_predictions.csv"
 GATE_TAG = "cxr.gate_passed"
+GATE_FAILED_TAG = "cxr.gate_failed"  # comma-separated failed checks, or "none"
 THRESHOLD_TAG = "cxr.threshold"
 # Each version names its test images, so comparisons join on images both versions were tested
 # on (never on another model's training data): where its per-image test predictions (sha256,
@@ -86,6 +86,12 @@ def log_keras_model(client: Any, run_id: str, model_dir: Path, image_size: int) 
     return f"runs:/{run_id}/{MODEL_ARTIFACT}"
 
 
+MODEL_PURPOSE = ("Pneumonia vs normal classifier for pediatric AP chest X-rays (a screening aid, "
+                 "not a diagnosis), trained, gated and registered by cxr.")
+SUMMARY_ARTIFACT = "model_summary.md"  # written by cxr_core.lifecycle.tracking
+PROMOTION_REPORT_TAG = "cxr.promotion_report"
+
+
 def _ensure_registered_model(client: Any, name: str) -> None:
     from mlflow.exceptions import MlflowException
 
@@ -93,11 +99,42 @@ def _ensure_registered_model(client: Any, name: str) -> None:
         client.get_registered_model(name)
     except MlflowException:
         try:
-            client.create_registered_model(
-                name, description="Pneumonia vs normal classifier for pediatric AP chest X-rays "
-                "(a screening aid, not a diagnosis).")
+            client.create_registered_model(name, description=MODEL_PURPOSE)
         except MlflowException:
             client.get_registered_model(name)  # created concurrently by another process
+
+
+def _alias_line(client: Any, name: str, alias: str, version: str) -> str:
+    mv = client.get_model_version(name, version)
+    tags = mv.tags or {}
+    shown = ", ".join(f"{k.removeprefix('cxr.metric.')} {v}" for k, v in sorted(tags.items())
+                      if k.startswith("cxr.metric."))
+    report = tags.get(PROMOTION_REPORT_TAG)
+    return (f"- `{alias}`: version {version} (test {shown or 'metrics n/a'})"
+            + (f"; promotion report `{report}`" if report else ""))
+
+
+def describe_registered_model(client: Any, name: str) -> str:
+    """Set the registered model's description: what it is for, which version holds which
+    alias with its key test metrics, how versions move. Returns the description."""
+    model = client.get_registered_model(name)
+    order = {CHAMPION: 0, CHALLENGER: 1, PREVIOUS: 2}
+    aliases = sorted((model.aliases or {}).items(), key=lambda kv: (order.get(kv[0], 9), kv[0]))
+    lines = [_alias_line(client, name, alias, str(v)) for alias, v in aliases] or ["- none yet"]
+    text = (f"{MODEL_PURPOSE}\n\n**Aliases**\n" + "\n".join(lines) +
+            "\n\nA version is registered only when its gates pass (`cxr.gate_passed`); "
+            "`cxr promote` compares the challenger with the champion on the test images both "
+            "were scored on and logs the comparison report to the challenger's run.")
+    client.update_registered_model(name, description=text)
+    return text
+
+
+def run_text(client: Any, run_id: str, path: str) -> str | None:
+    """A text artifact of a run, or None when the run has none at ``path``."""
+    if not _has_artifact(client, run_id, path):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        return Path(client.download_artifacts(run_id, path, tmp)).read_text()
 
 
 def register_if_blessed(client: Any, name: str, run_id: str, decision: Any, threshold: float,
@@ -107,7 +144,7 @@ def register_if_blessed(client: Any, name: str, run_id: str, decision: Any, thre
     images) and re-log its model card naming the version and aliases. A rejected model stays
     a logged run tagged with its decision. Returns the version or None."""
     client.set_tag(run_id, GATE_TAG, str(bool(decision.passed)).lower())
-    client.set_tag(run_id, "cxr.gate_decision", json.dumps(decision.to_dict())[:5000])
+    client.set_tag(run_id, GATE_FAILED_TAG, gate_failed(decision))
     if not decision.passed:
         return None
     _ensure_registered_model(client, name)
@@ -116,27 +153,37 @@ def register_if_blessed(client: Any, name: str, run_id: str, decision: Any, thre
         version = str(existing[0].version)
     else:
         tags = _version_tags(client, run_id, decision, threshold, manifest_hash, metrics)
+        # The version page shows the description: the model card's summary, not raw tags.
+        description = run_text(client, run_id, SUMMARY_ARTIFACT) or decision.summary()
         version = str(client.create_model_version(
-            name, source=f"runs:/{run_id}/{MODEL_ARTIFACT}", run_id=run_id, tags=tags).version)
+            name, source=f"runs:/{run_id}/{MODEL_ARTIFACT}", run_id=run_id, tags=tags,
+            description=description).version)
     before = alias_version(client, name, CHALLENGER)
     _point_challenger(client, name, version)
     refresh_model_cards(client, name, [version, before.version if before else None])
+    describe_registered_model(client, name)
     return version
 
 
 def _version_tags(client: Any, run_id: str, decision: Any, threshold: float, manifest_hash: str,
                   metrics: dict[str, float]) -> dict[str, str]:
-    tags = {
+    tags = {  # short and filterable; the detail is in the run's gate_decision.md/.json
         GATE_TAG: "true",
+        GATE_FAILED_TAG: gate_failed(decision),
         THRESHOLD_TAG: f"{threshold:.6f}",
         "cxr.manifest_hash": manifest_hash,
-        "cxr.gate_decision": json.dumps(decision.to_dict())[:5000],
+        "cxr.gate_champion": str(decision.champion_version or "none"),
         **{f"cxr.metric.{k}": f"{v:.4f}" for k, v in metrics.items()},
     }
     predictions = run_test_predictions(client, run_id)
     if predictions is not None:
         tags.update(describe_test_set(predictions, PREDICTIONS_ARTIFACT))
     return tags
+
+
+def gate_failed(decision: Any) -> str:
+    """The failed checks' names, comma-separated ("none" when all passed): a short tag."""
+    return (",".join(c.name for c in decision.failed) or "none")[:250]
 
 
 def describe_test_set(predictions: pd.DataFrame, artifact_path: str) -> dict[str, str]:

@@ -7,10 +7,12 @@ training. Every run uses the same metric names, so runs line up in the UI's comp
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +21,16 @@ import pandas as pd
 import cxr_core
 from cxr_core.data.manifest import read_manifest
 from cxr_core.lifecycle.model_card import MODEL_CARD_ARTIFACT, render_model_card, split_provenance
-from cxr_core.lifecycle.registry import log_keras_model
+from cxr_core.lifecycle.registry import SUMMARY_ARTIFACT, log_keras_model
 
 PARENT_RUN_ID_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
+NOTE_TAG = "mlflow.note.content"  # the run page's description
+# A search's trials may run in other processes (distributed workers): they find the pipeline's
+# parent run through these variables and log each trial live, as it trains.
+TRACKING_URI_ENV = "CXR_LIVE_TRACKING_URI"
+PARENT_RUN_ENV = "CXR_LIVE_PARENT_RUN_ID"
 
 
 def make_client(tracking_uri: str) -> Any:
@@ -115,11 +122,29 @@ def log_history(client: Any, run_id: str, history: Mapping[str, Iterable[float]]
             log_metrics(client, run_id, {name: value}, step=step)
 
 
+def live_trial_runs(client: Any, experiment_id: str, parent_run_id: str) -> dict[str, str]:
+    """trial id -> run id of the trials already logged live under ``parent_run_id``."""
+    runs = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}' "
+                              "and tags.`cxr.stage` = 'tuning'", max_results=5000)
+    return {r.data.tags["cxr.trial_id"]: r.info.run_id for r in runs if "cxr.trial_id" in r.data.tags}
+
+
 def log_trials(client: Any, experiment_id: str, parent_run_id: str, trials: Iterable[Any],
                tags: Mapping[str, str] | None = None) -> list[str]:
-    """One nested run per tuner trial: hyperparameters as params, per-epoch metrics, score."""
+    """One nested run per tuner trial: hyperparameters as params, per-epoch metrics, score.
+    A trial that was logged live (:func:`live_run` in the tuner) keeps its run: only its
+    score, status and ``tags`` are added, so a trial never gets two runs."""
+    live = live_trial_runs(client, experiment_id, parent_run_id)
     run_ids = []
     for trial in trials:
+        if trial.trial_id in live:
+            run_id = live[trial.trial_id]
+            for key, value in {**(tags or {}), "cxr.trial_status": trial.status}.items():
+                client.set_tag(run_id, key, value)
+            if trial.score is not None:
+                log_metrics(client, run_id, {"score": trial.score})
+            run_ids.append(run_id)
+            continue
         run_id = start_run(
             client, experiment_id, f"trial-{trial.trial_id}",
             params={f"hp.{k}": v for k, v in trial.hyperparameters.items()},
@@ -134,36 +159,147 @@ def log_trials(client: Any, experiment_id: str, parent_run_id: str, trials: Iter
     return run_ids
 
 
+@dataclass(frozen=True)
+class LiveTracking:
+    """Where live runs go: the tracking server and the pipeline's parent run. Plain strings,
+    so it crosses process boundaries (task arguments, environment variables)."""
+
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    tags: dict[str, str] = field(default_factory=dict)
+
+    def env(self) -> dict[str, str]:
+        """The environment variables a tuner process reads back with :meth:`from_env`."""
+        return {TRACKING_URI_ENV: self.tracking_uri, PARENT_RUN_ENV: self.parent_run_id}
+
+    @classmethod
+    def from_env(cls) -> LiveTracking | None:
+        """The live tracking this process was given, or None (then trials are logged after
+        the search, as before)."""
+        uri, parent = os.environ.get(TRACKING_URI_ENV), os.environ.get(PARENT_RUN_ENV)
+        if not (uri and parent):
+            return None
+        run = make_client(uri).get_run(parent)
+        inherited = {k: v for k, v in run.data.tags.items()
+                     if k in ("cxr.manifest_hash", "cxr.dataset_root", "cxr.profile")}
+        return cls(uri, run.info.experiment_id, parent, inherited)
+
+
+@contextmanager
+def tracking_env(live: LiveTracking | None) -> Iterator[None]:
+    """Set :meth:`LiveTracking.env` for the duration of a search (restored afterwards)."""
+    if live is None:
+        yield
+        return
+    saved = {k: os.environ.get(k) for k in live.env()}
+    os.environ.update(live.env())
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def start_system_metrics(run_id: str, tracking_uri: str) -> Any | None:
+    """MLflow's CPU, memory, disk and network sampler for ``run_id`` (its interval:
+    MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL, default 10 s); None when psutil is missing."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, tracking_uri=tracking_uri)
+    except ImportError as exc:
+        print(f"[mlflow] no system metrics for run {run_id}: {exc}", flush=True)
+        return None
+    monitor.start()
+    return monitor
+
+
+@contextmanager
+def live_run(live: LiveTracking, name: str, params: Mapping[str, Any] | None = None,
+             tags: Mapping[str, str] | None = None) -> Iterator[tuple[Any, str]]:
+    """A nested run that lives exactly as long as the block: created on entry (so the UI
+    shows it running), system metrics sampled meanwhile, FINISHED on exit or FAILED on an
+    error. Yields ``(client, run_id)`` for a per-epoch logger
+    (:func:`cxr_core.training.callbacks.mlflow_epoch_logger`)."""
+    client = make_client(live.tracking_uri)
+    run_id = start_run(client, live.experiment_id, name, params,
+                       {**live.tags, **(tags or {})}, parent_run_id=live.parent_run_id)
+    monitor = start_system_metrics(run_id, live.tracking_uri)
+    status = "FAILED"
+    try:
+        yield client, run_id
+        status = "FINISHED"
+    finally:
+        if monitor is not None:
+            monitor.finish()
+        client.set_terminated(run_id, status)
+
+
 def log_dict_artifact(client: Any, run_id: str, data: Any, artifact_file: str) -> None:
     """A JSON artifact."""
     client.log_text(run_id, json.dumps(data, indent=2, default=str), artifact_file)
 
 
+@dataclass(frozen=True)
+class DataInput:
+    """A data set a run saw, for the runs table's Dataset column: the manifest rows, its
+    digest (the manifest hash), where it came from, and the role it played (``training`` for
+    the manifest the model was fitted, tuned and tested on; ``external`` for each external
+    set, one more entry per set)."""
+
+    name: str
+    manifest: pd.DataFrame
+    digest: str
+    source: str
+    context: str = "training"
+
+    def entity(self) -> Any:
+        import mlflow.data
+        from mlflow.entities import DatasetInput, InputTag
+
+        columns = [c for c in ("relpath", "split", "label", "patient_id", "sha256")
+                   if c in self.manifest]
+        dataset = mlflow.data.from_pandas(self.manifest[columns], source=self.source,
+                                          name=self.name, digest=self.digest[:36],
+                                          targets="label" if "label" in columns else None)
+        return DatasetInput(dataset._to_mlflow_entity(),
+                            tags=[InputTag("mlflow.data.context", self.context)])
+
+
+def log_data_inputs(client: Any, run_ids: Iterable[str], inputs: Iterable[DataInput]) -> None:
+    """Every data set of ``inputs`` as an input of every run of ``run_ids``."""
+    entities = [i.entity() for i in inputs]
+    if entities:
+        for run_id in run_ids:
+            client.log_inputs(run_id, datasets=entities)
+
+
 def log_dataset(client: Any, run_id: str, manifest: pd.DataFrame, name: str, digest: str,
                 source: str, context: str = "training") -> None:
     """Dataset lineage (the manifest's hash and schema) as a run input."""
-    import mlflow.data
-    from mlflow.entities import DatasetInput, InputTag
+    log_data_inputs(client, [run_id], [DataInput(name, manifest, digest, source, context)])
 
-    columns = [c for c in ("relpath", "split", "label", "patient_id", "sha256") if c in manifest]
-    dataset = mlflow.data.from_pandas(manifest[columns], source=source, name=name,
-                                      digest=digest[:36], targets="label")
-    client.log_inputs(run_id, datasets=[DatasetInput(
-        dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])])
+
+def _data_summary(cfg: Any, validated: Any, manifest: pd.DataFrame) -> dict[str, Any]:
+    """What the model card says about the data."""
+    return {
+        "data_root": validated.data_root, "manifest_hash": validated.manifest_hash,
+        "split_counts": validated.split_counts, "image_size": cfg.data.image_size,
+        "split_origins": split_provenance(manifest),
+        "balancing": f"{cfg.balance.strategy}, target ratio {cfg.balance.target_ratio}"}
 
 
 def _model_card(model_name: str, cfg: Any, validated: Any, manifest: pd.DataFrame, trained: Any,
                 evaluated: Any, decision: Any) -> str:
     """The card before registration; registration re-logs it naming the version and aliases
     (:func:`cxr_core.lifecycle.registry.refresh_model_card`)."""
-    data_summary = {
-        "data_root": validated.data_root, "manifest_hash": validated.manifest_hash,
-        "split_counts": validated.split_counts, "image_size": cfg.data.image_size,
-        "split_origins": split_provenance(manifest),
-        "balancing": f"{cfg.balance.strategy}, target ratio {cfg.balance.target_ratio}"}
     return render_model_card(model_name, None, evaluated.evaluation, trained.threshold, decision,
-                             data_summary, trained.hyperparameters, cfg.profile,
-                             robustness=evaluated.robustness)
+                             _data_summary(cfg, validated, manifest), trained.hyperparameters,
+                             cfg.profile, robustness=evaluated.robustness)
 
 
 @dataclass
@@ -197,52 +333,43 @@ def log_pipeline_results(
     trained: Any,
     evaluated: Any,
     decision: Any,
+    external_inputs: Iterable[DataInput] = (),
 ) -> TrackingRefs:
     """Log trials (nested runs) and the final training run: params, per-epoch and test
-    metrics, artifacts, dataset lineage, model card, and the model in the mlflow.keras flavor.
-    Returns new refs carrying the final run id. A failed attempt marks its runs FAILED, so a
-    retry's duplicates are told apart in the UI."""
-    run_dir = Path(run_dir)
+    metrics, artifacts, dataset inputs, model card and summary (the run's description), and
+    the model in the mlflow.keras flavor. Runs logged live (trials in the tuner, the final
+    training with ``trained.run_id``) are completed, not duplicated, and keep their real
+    start and end times. ``external_inputs``: external sets, logged as inputs beside the
+    manifest. Returns refs carrying the final run id. A failed attempt marks the runs it
+    created FAILED, so a retry's duplicates are told apart in the UI."""
     tags = standard_tags(validated.manifest_hash, validated.data_root, cfg.profile)
+    live_trials = set(live_trial_runs(client, refs.experiment_id, refs.parent_run_id).values())
     created: list[str] = []
     try:
         for key, value in tags.items():
             client.set_tag(refs.parent_run_id, key, value)
-        created += log_trials(client, refs.experiment_id, refs.parent_run_id, trials, tags)
-        final = start_run(client, refs.experiment_id, "final-training",
-                          params={**cfg.flat(), **{f"hp.{k}": v for k, v in
-                                                   trained.hyperparameters.items()}},
-                          tags={**tags, "cxr.stage": "final"}, parent_run_id=refs.parent_run_id)
-        created.append(final)
-        log_history(client, final, trained.history)
-        test_metrics = {f"test_{k}": v for k, v in evaluated.evaluation.flat().items()}
-        t = trained.threshold
-        log_metrics(client, final, {**test_metrics, "threshold": t.threshold,
-                                    "val_recall_at_threshold": t.recall,
-                                    "val_specificity_at_threshold": t.specificity,
-                                    "epochs_trained": trained.epochs_trained,
-                                    **{f"calibration_{k}": v for k, v in
-                                       (trained.calibration or {}).items()}})
-        log_metrics(client, final, evaluated.robustness)
-        log_metrics(client, refs.parent_run_id, {**test_metrics, **evaluated.robustness})
+        trial_runs = log_trials(client, refs.experiment_id, refs.parent_run_id, trials, tags)
+        created += [r for r in trial_runs if r not in live_trials]
+        final = trained.run_id or start_run(
+            client, refs.experiment_id, "final-training",
+            params={**cfg.flat(), **{f"hp.{k}": v for k, v in trained.hyperparameters.items()}},
+            tags={"cxr.stage": "final"}, parent_run_id=refs.parent_run_id)
+        if not trained.run_id:
+            created.append(final)
+            log_history(client, final, trained.history)
+        for key, value in tags.items():
+            client.set_tag(final, key, value)
         manifest = read_manifest(validated.manifest_path)
-        log_dataset(client, final, manifest, "chest-xray-manifest", validated.manifest_hash,
-                    validated.data_root)
-        client.log_artifact(final, str(validated.manifest_path), "data")
-        client.log_artifacts(final, str(validated.report_dir), "data/validation")
-        lineage = run_dir / "augmentation_lineage.csv"
-        if lineage.is_file():
-            client.log_artifact(final, str(lineage), "data")
-        client.log_artifacts(final, str(run_dir / "evaluation"), "evaluation")
-        log_dict_artifact(client, final, decision.to_dict(), "gate_decision.json")
-        log_dict_artifact(client, final, [tr.to_dict() for tr in trials], "tuning/trials.json")
-        client.log_text(final, _model_card(model_name, cfg, validated, manifest, trained,
-                                           evaluated, decision), MODEL_CARD_ARTIFACT)
-        log_keras_model(client, final, run_dir / "model", cfg.data.image_size)
-        client.set_tag(final, "cxr.gate_passed", str(bool(decision.passed)).lower())
-        client.set_tag(final, "cxr.gate_decision", json.dumps(decision.to_dict())[:5000])
-        client.set_tag(refs.parent_run_id, "cxr.gate_passed", str(decision.passed).lower())
-        client.set_terminated(final, "FINISHED")
+        inputs = [DataInput("chest-xray-manifest", manifest, validated.manifest_hash,
+                            validated.data_root), *external_inputs]
+        log_data_inputs(client, [refs.parent_run_id, *trial_runs, final], inputs)
+        _log_final_metrics(client, refs.parent_run_id, final, trained, evaluated)
+        _log_final_artifacts(client, final, Path(run_dir), validated, trials, decision)
+        _log_card_and_model(client, final, Path(run_dir), model_name, cfg, validated, manifest,
+                            trained, evaluated, decision)
+        _set_gate_tags(client, [final, refs.parent_run_id], decision)
+        if not trained.run_id:  # a live run ended with its training: keep its duration
+            client.set_terminated(final, "FINISHED")
     except BaseException:
         for run_id in created:
             try:
@@ -251,3 +378,60 @@ def log_pipeline_results(
                 pass
         raise
     return TrackingRefs(refs.experiment_id, refs.parent_run_id, final, None)
+
+
+def _log_final_metrics(client: Any, parent: str, final: str, trained: Any, evaluated: Any) -> None:
+    """Test metrics (with interval bounds), the threshold's validation figures, calibration
+    and robustness on the final run; test and robustness metrics on the parent too."""
+    test_metrics = {f"test_{k}": v for k, v in evaluated.evaluation.flat().items()}
+    t = trained.threshold
+    log_metrics(client, final, {**test_metrics, "threshold": t.threshold,
+                                "val_recall_at_threshold": t.recall,
+                                "val_specificity_at_threshold": t.specificity,
+                                "epochs_trained": trained.epochs_trained,
+                                **{f"calibration_{k}": v for k, v in
+                                   (trained.calibration or {}).items()}})
+    log_metrics(client, final, evaluated.robustness)
+    log_metrics(client, parent, {**test_metrics, **evaluated.robustness})
+
+
+def _log_final_artifacts(client: Any, final: str, run_dir: Path, validated: Any,
+                         trials: list[Any], decision: Any) -> None:
+    """Manifest, validation report, lineage, evaluation figures, gate decision, trials."""
+    from cxr_core.lifecycle.model_card import gate_markdown
+
+    client.log_artifact(final, str(validated.manifest_path), "data")
+    client.log_artifacts(final, str(validated.report_dir), "data/validation")
+    lineage = run_dir / "augmentation_lineage.csv"
+    if lineage.is_file():
+        client.log_artifact(final, str(lineage), "data")
+    client.log_artifacts(final, str(run_dir / "evaluation"), "evaluation")
+    log_dict_artifact(client, final, decision.to_dict(), "gate_decision.json")
+    client.log_text(final, gate_markdown(decision), "gate_decision.md")
+    log_dict_artifact(client, final, [tr.to_dict() for tr in trials], "tuning/trials.json")
+
+
+def _log_card_and_model(client: Any, final: str, run_dir: Path, model_name: str, cfg: Any,
+                        validated: Any, manifest: pd.DataFrame, trained: Any, evaluated: Any,
+                        decision: Any) -> None:
+    """The model card, its summary (also the run's description, and the registered
+    version's once registered) and the model."""
+    from cxr_core.lifecycle.model_card import card_summary
+
+    client.log_text(final, _model_card(model_name, cfg, validated, manifest, trained,
+                                       evaluated, decision), MODEL_CARD_ARTIFACT)
+    summary = card_summary(evaluated.evaluation, decision, _data_summary(cfg, validated, manifest),
+                           getattr(evaluated, "external", None))
+    client.log_text(final, summary, SUMMARY_ARTIFACT)
+    client.set_tag(final, NOTE_TAG, summary)
+    log_keras_model(client, final, run_dir / "model", cfg.data.image_size)
+
+
+def _set_gate_tags(client: Any, run_ids: Iterable[str], decision: Any) -> None:
+    """Short, filterable tags (``tags.cxr.gate_passed = 'false'``); the detail lives in
+    ``gate_decision.md`` and ``gate_decision.json``."""
+    from cxr_core.lifecycle.registry import GATE_FAILED_TAG, GATE_TAG, gate_failed
+
+    for run_id in run_ids:
+        client.set_tag(run_id, GATE_TAG, str(bool(decision.passed)).lower())
+        client.set_tag(run_id, GATE_FAILED_TAG, gate_failed(decision))

@@ -74,6 +74,7 @@ class TrainedModel:
     epochs_trained: int = 0
     best_epoch: int = 0
     calibration: dict[str, float] | None = None  # Platt scaling folded into the model
+    run_id: str | None = None  # the MLflow run that logged this training live, if any
 
 
 def predict_proba(model: Any, dataset: Any) -> np.ndarray:
@@ -200,8 +201,9 @@ def load_threshold(model_dir: Path) -> ThresholdChoice:
 
 
 def train_best(best_hp: dict[str, Any], datasets: Datasets, cfg: ExperimentConfig,
-               work_dir: Path, verbose: int = 0):
-    """Final training of ``best_hp``; the model and threshold go to ``work_dir/model``."""
+               work_dir: Path, verbose: int = 0, callbacks: list[Any] | None = None):
+    """Final training of ``best_hp``; the model and threshold go to ``work_dir/model``.
+    ``callbacks`` are added to the shared ones (e.g. a live MLflow epoch logger)."""
     return train_final(
         best_hp, datasets.train, datasets.val, datasets.val_data.labels,
         Path(work_dir) / "model", image_size=cfg.data.image_size, epochs=cfg.train.epochs,
@@ -211,6 +213,7 @@ def train_best(best_hp: dict[str, Any], datasets: Datasets, cfg: ExperimentConfi
         steps_per_epoch=datasets.steps_per_epoch, class_weight=datasets.class_weight,
         verbose=verbose, intensity_norm=cfg.train.intensity_norm,
         label_smoothing=cfg.train.label_smoothing, monitor=cfg.tune.objective,
-        callbacks=[shifted_validation(datasets, cfg.seed)], calibrate=cfg.train.calibrate,
+        callbacks=[shifted_validation(datasets, cfg.seed), *(callbacks or [])],
+        calibrate=cfg.train.calibrate,
         tta=cfg.train.tta,
     )

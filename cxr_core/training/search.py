@@ -21,7 +21,12 @@ from cxr_core.data.balance import PREPARED_MANIFEST, BalancedTrainSet, class_wei
 from cxr_core.data.inputs import Datasets, make_datasets
 from cxr_core.data.manifest import read_manifest
 from cxr_core.errors import ConfigError, CxrError
-from cxr_core.training.callbacks import monitor_mode, progress_callback, shifted_validation
+from cxr_core.training.callbacks import (
+    mlflow_epoch_logger,
+    monitor_mode,
+    progress_callback,
+    shifted_validation,
+)
 
 ROLE_ENV = ("KERASTUNER_TUNER_ID", "KERASTUNER_ORACLE_IP", "KERASTUNER_ORACLE_PORT")
 
@@ -47,9 +52,25 @@ EPOCHS_FILE = "epochs.json"
 
 class _EpochHistoryMixin:
     """Keras Tuner keeps only each trial's best epoch; this keeps every epoch's metrics in
-    the trial's directory (shared in distributed mode) so each trial can be logged in full."""
+    the trial's directory (shared in distributed mode) so each trial can be logged in full.
+    When the process was given live tracking (:class:`cxr_core.lifecycle.tracking.LiveTracking`
+    in its environment, as every worker of a distributed search can be), each trial is also an
+    MLflow run from its first epoch to its last, with per-epoch metrics as they come."""
 
     def run_trial(self, trial: Any, *args: Any, **kwargs: Any) -> Any:
+        from cxr_core.lifecycle.tracking import LiveTracking, live_run
+
+        live = LiveTracking.from_env()
+        if live is None:
+            return self._run_recorded_trial(trial, *args, **kwargs)
+        tags = {"cxr.stage": "tuning", "cxr.trial_id": str(trial.trial_id),
+                "cxr.tuner_id": str(getattr(self, "tuner_id", None))}
+        params = {f"hp.{k}": v for k, v in trial.hyperparameters.values.items()}
+        with live_run(live, f"trial-{trial.trial_id}", params, tags) as (client, run_id):
+            kwargs["callbacks"] = [*kwargs.get("callbacks", []), mlflow_epoch_logger(client, run_id)]
+            return self._run_recorded_trial(trial, *args, **kwargs)
+
+    def _run_recorded_trial(self, trial: Any, *args: Any, **kwargs: Any) -> Any:
         kwargs["callbacks"] = [*kwargs.get("callbacks", []),
                                progress_callback(f"trial {trial.trial_id}")]
         histories = super().run_trial(trial, *args, **kwargs)  # type: ignore[misc]
