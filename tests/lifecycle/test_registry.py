@@ -6,7 +6,6 @@ alias, MLflow 3 logged models. Each test registers under its own model name."""
 from __future__ import annotations
 
 import hashlib
-import json
 import subprocess
 import sys
 
@@ -60,7 +59,10 @@ def test_register_only_on_pass_and_challenger_alias(client, registrar, model_nam
     mv = client.get_model_version_by_alias(model_name, CHALLENGER)
     assert mv.version == version and mv.run_id == run_id
     assert mv.tags["cxr.threshold"] == "0.500000" and mv.tags["cxr.gate_passed"] == "true"
-    assert json.loads(mv.tags["cxr.gate_decision"])["passed"] is True
+    # Short, filterable tags (no raw JSON); the decision reads as the version's description.
+    assert mv.tags["cxr.gate_failed"] == "none" and "cxr.gate_decision" not in mv.tags
+    assert "Gate decision: PASSED" in mv.description
+    assert client.get_run(rejected_run).data.tags["cxr.gate_failed"] == "min_recall"
 
 
 def test_version_records_its_test_images(client, registrar, model_name, tmp_path) -> None:
