@@ -9,7 +9,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
 from cxr_core.config import load_config
-from cxr_core.lifecycle.promotion import promote
+from cxr_core.lifecycle.promotion import promote, promotion_report
 from cxr_core.settings import get_settings
 from flows.tasks import IO_RETRIES, mlflow_client
 
@@ -17,11 +17,12 @@ from flows.tasks import IO_RETRIES, mlflow_client
 @task(name="promote", **IO_RETRIES)
 def promote_task(tracking_uri: str, model_name: str, version: str | None, force: bool,
                  reason: str | None, alpha: float) -> dict[str, Any]:
-    result = promote(mlflow_client(tracking_uri), model_name, version, force=force, reason=reason,
-                     alpha=alpha)
+    client = mlflow_client(tracking_uri)
+    result = promote(client, model_name, version, force=force, reason=reason, alpha=alpha)
     return {"promoted_version": result.promoted_version,
             "previous_champion": result.previous_champion, "forced": result.forced,
-            "comparison": result.comparison}
+            "comparison": result.comparison,
+            "report": promotion_report(client, model_name, result.promoted_version)}
 
 
 @flow(name="promote", log_prints=True)
@@ -38,5 +39,6 @@ def promote_flow(version: str | None = None, force: bool = False, reason: str | 
         key="promotion",
         markdown=f"# Promotion\n\nchampion -> version {out['promoted_version']} "
                  f"(previous: {out['previous_champion']}, forced: {out['forced']})\n\n"
-                 f"Comparison (alpha {alpha}): `{out['comparison']}`")
+                 f"Comparison (alpha {alpha}): `{out['comparison']}`\n\n"
+                 f"Side-by-side report (MLflow, the version's run): {out['report'] or 'none'}")
     return out

@@ -181,6 +181,11 @@ def comparison_tag(comparison: dict[str, Any] | None) -> str:
             f"shared images ({shown})")[:250]
 
 
+def promotion_report(client: Any, name: str, version: str) -> str | None:
+    """Where the version's latest promotion report lies (``runs:/...``), or None."""
+    return (client.get_model_version(name, version).tags or {}).get(PROMOTION_REPORT_TAG)
+
+
 def note_on_version(client: Any, name: str, version: str, note: str) -> None:
     """Set the promotion note at the end of the version's description (replacing an
     earlier one), under the model card summary."""
@@ -241,11 +246,12 @@ def _judge_against(client: Any, name: str, candidate: Any, champion: Any | None,
             raise
         return None
     if not comparison["passed"] and not force:
-        log_comparison_report(client, name, candidate, champion, comparison, alpha,
-                              "not promoted: significant regression against the champion")
+        path = log_comparison_report(client, name, candidate, champion, comparison, alpha,
+                                     "not promoted: significant regression against the champion")
         raise PromotionRejected(
             f"version {candidate.version} regresses significantly against champion "
-            f"{champion.version}: {json.dumps(comparison['checks'])}")
+            f"{champion.version}: {json.dumps(comparison['checks'])}"
+            + (f"; side-by-side report: {path} in run {candidate.run_id}" if path else ""))
     return comparison
 
 

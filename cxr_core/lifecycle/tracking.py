@@ -350,11 +350,12 @@ def log_pipeline_results(
             client.set_tag(refs.parent_run_id, key, value)
         trial_runs = log_trials(client, refs.experiment_id, refs.parent_run_id, trials, tags)
         created += [r for r in trial_runs if r not in live_trials]
-        final = trained.run_id or start_run(
+        live_final = getattr(trained, "run_id", None)
+        final = live_final or start_run(
             client, refs.experiment_id, "final-training",
             params={**cfg.flat(), **{f"hp.{k}": v for k, v in trained.hyperparameters.items()}},
             tags={"cxr.stage": "final"}, parent_run_id=refs.parent_run_id)
-        if not trained.run_id:
+        if not live_final:
             created.append(final)
             log_history(client, final, trained.history)
         for key, value in tags.items():
@@ -368,7 +369,7 @@ def log_pipeline_results(
         _log_card_and_model(client, final, Path(run_dir), model_name, cfg, validated, manifest,
                             trained, evaluated, decision)
         _set_gate_tags(client, [final, refs.parent_run_id], decision)
-        if not trained.run_id:  # a live run ended with its training: keep its duration
+        if not live_final:  # a live run ended with its training: keep its duration
             client.set_terminated(final, "FINISHED")
     except BaseException:
         for run_id in created:

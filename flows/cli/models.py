@@ -46,7 +46,7 @@ def promote_cmd(
     (McNemar at the config's gates.regression_alpha, as the retrain gate does), then move
     'champion' to it and keep the old one as 'previous-champion', with audit tags (who, when,
     why, comparison). Exit 1 when the comparison refuses, 2 for an unknown version."""
-    from cxr_core.lifecycle.promotion import promote
+    from cxr_core.lifecycle.promotion import promote, promotion_report
 
     if force and not reason:
         fail("--force needs --reason (it is recorded on the version)", EXIT_BAD_INPUT)
@@ -61,6 +61,9 @@ def promote_cmd(
         c = result.comparison
         typer.echo(f"  on {c['shared_images']} shared test images: accuracy "
                    f"{c['candidate_accuracy']:.3f} vs {c['champion_accuracy']:.3f}")
+    report = promotion_report(client, settings.registered_model_name, result.promoted_version)
+    if report:
+        typer.echo(f"  side-by-side report: {report} (MLflow UI: the version's source run, Artifacts)")
 
 
 def rollback_cmd(

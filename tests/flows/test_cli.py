@@ -192,12 +192,14 @@ def test_promote_takes_regression_alpha_from_config(tmp_path: Path, cli_env) -> 
     client = make_client(cli_env["CXR_TRACKING_URI"])
     v1, v2 = champion_and_weaker_challenger(client, tiny_model_dir(tmp_path / "model"),
                                             "cxr-pneumonia")
-    _expect_exit(["promote"], cli_env, 1, "regresses")  # shipped alpha 0.05: p 0.031 regresses
+    # shipped alpha 0.05: p 0.031 regresses; the refusal points at the report explaining it
+    _expect_exit(["promote"], cli_env, 1, "regresses", f"promotion/vs-champion-v{v1}.md")
     lenient = tmp_path / "alpha.yaml"
     lenient.write_text("gates: {regression_alpha: 0.01}\n")
     res = runner.invoke(app, ["promote", "--config", str(lenient)], env=cli_env)
     assert res.exit_code == 0, res.output
     assert f"champion -> version {v2} (previous-champion: {v1})" in res.output
+    assert "side-by-side report: runs:/" in res.output and f"vs-champion-v{v1}.md" in res.output
     assert str(client.get_model_version_by_alias("cxr-pneumonia", CHAMPION).version) == v2
 
 
