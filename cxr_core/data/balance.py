@@ -389,7 +389,7 @@ def balance_train_split(manifest: pd.DataFrame, cfg: ExperimentConfig, work_dir:
     the same run reuses them); online: nothing is written, the input pipeline resamples;
     class_weight: the loss is weighted instead.
     """
-    strategy = cfg.strategy
+    strategy = cfg.balance.strategy
     if strategy == "class_weight":
         counts = split_data(manifest, "train").class_counts()
         return BalancedTrainSet(manifest, None, class_weights(counts))
@@ -401,7 +401,7 @@ def balance_train_split(manifest: pd.DataFrame, cfg: ExperimentConfig, work_dir:
         lineage = pd.read_csv(lineage_path)
     else:
         lineage = write_offline_augmentations(
-            manifest, out_dir, cfg.target_ratio, cfg.augment, cfg.seed,
+            manifest, out_dir, cfg.balance.target_ratio, cfg.balance.augment, cfg.seed,
             workers=cfg.data.scan_workers or os.cpu_count() or 1)
         lineage.to_csv(lineage_path, index=False)
     rows = augmented_manifest_rows(lineage) if len(lineage) else manifest.iloc[:0]
