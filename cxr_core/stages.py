@@ -148,6 +148,15 @@ def evaluate_stage(run_dir: Path, cfg: ExperimentConfig, manifest_path: Path,
                                with_figures=with_figures)
 
 
+def champion_comparisons(client: Any, model_name: str, manifest_path: Path, image_size: int,
+                         candidate_predictions: Path) -> tuple[list[Any] | None, str | None]:
+    """The champion scored on this run's test images and compared with the candidate (see
+    :func:`cxr_core.lifecycle.promotion.champion_comparisons`; flows/tasks.py calls it here)."""
+    from cxr_core.lifecycle.promotion import champion_comparisons as compare
+
+    return compare(client, model_name, manifest_path, image_size, candidate_predictions)
+
+
 def gate_stage(evaluated: EvaluatedModel, cfg: ExperimentConfig,
                comparisons: list[Any] | None, champion_version: str | None) -> Any:
     """The GateDecision for this candidate (pure)."""

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from cxr_core.data.labels import LABELS
-from cxr_core.data.manifest import IMAGE_EXTENSIONS, JUNK_DIRS, _inspect_all, _is_junk_name
+from cxr_core.data.manifest import JUNK_DIRS, _inspect_all, _is_junk_name, is_image_path
 from cxr_core.errors import CxrError
 from cxr_core.training.fit import MODEL_FILE, THRESHOLD_FILE, load_threshold
 
@@ -138,7 +138,7 @@ def collect_paths(inputs: list[Path]) -> tuple[list[str], list[tuple[str, str]]]
                     path = Path(dirpath) / name
                     if _is_junk_name(name):
                         continue
-                    if path.suffix.lower() in IMAGE_EXTENSIONS:
+                    if is_image_path(path):  # by extension, or DICOM by its preamble
                         found.append(str(path.resolve()))
                     else:
                         skipped.append((str(path), "not an image extension"))
