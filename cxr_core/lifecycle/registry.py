@@ -16,8 +16,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 CHALLENGER = "challenger"
 CHAMPION = "champion"
 PREVIOUS = "previous-champion"
@@ -39,32 +37,15 @@ class VersionInfo:
 
 
 def log_keras_model(client: Any, run_id: str, model_dir: Path, image_size: int) -> str:
-    """Save the Keras model in the ``mlflow.keras`` flavor (signature, input example,
-    requirements, the threshold file beside it) and upload it to the run. Returns the
-    artifact URI of the model (``runs:/<run>/model``)."""
-    import keras
-    import mlflow.keras
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import Schema, TensorSpec
+    """Save the Keras model in the ``mlflow.keras`` flavor with an image-native pyfunc
+    flavor (encoded images in, probability/label/threshold out), requirements, and the
+    threshold file and drift reference beside it (see
+    :func:`cxr_core.lifecycle.serving.write_model_folder`), and upload it to the run.
+    Returns the artifact URI of the model (``runs:/<run>/model``)."""
+    from cxr_core.lifecycle.serving import write_model_folder
 
-    model = keras.models.load_model(Path(model_dir) / "model.keras")
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, image_size, image_size, 1), "image")]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1), "pneumonia")]),
-    )
-    example = np.full((1, image_size, image_size, 1), 128.0, np.float32)
-    import tensorflow as tf
-
-    requirements = [f"keras=={keras.__version__}", f"tensorflow=={tf.__version__}"]
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / MODEL_ARTIFACT
-        out.mkdir()  # the keras flavor writes into an existing folder
-        mlflow.keras.save_model(model, str(out), signature=signature, input_example=example,
-                                pip_requirements=requirements)
-        for extra in ("threshold.json",):
-            src = Path(model_dir) / extra
-            if src.is_file():
-                (out / extra).write_bytes(src.read_bytes())
+        out = write_model_folder(Path(model_dir), Path(tmp) / MODEL_ARTIFACT)
         client.log_artifacts(run_id, str(out), MODEL_ARTIFACT)
     return f"runs:/{run_id}/{MODEL_ARTIFACT}"
 

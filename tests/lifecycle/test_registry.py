@@ -211,13 +211,17 @@ def test_predict_by_champion_alias_skips_bad_files(server, tmp_path) -> None:
     assert len(pd.read_csv(tmp_path / "out" / "preds.csv")) == 5
     assert errors_path is not None and len(pd.read_csv(errors_path)) == 1
     assert write_predictions(preds, errors.iloc[:0], tmp_path / "clean.csv") is None
-    # The model loads as pyfunc too (mlflow.keras flavor, signature).
+    # The keras flavor takes pixel tensors; the pyfunc takes images (lifecycle.serving).
+    import mlflow.keras
     import mlflow.pyfunc
 
     mlflow.set_tracking_uri(server.url)
     try:
-        pyfunc = mlflow.pyfunc.load_model(f"models:/{NAME}@{CHAMPION}")
-        out = pyfunc.predict(np.full((2, SIZE, SIZE, 1), 100.0, np.float32))
+        net = mlflow.keras.load_model(f"models:/{NAME}@{CHAMPION}")
+        out = net.predict(np.full((2, SIZE, SIZE, 1), 100.0, np.float32), verbose=0)
         assert np.asarray(out).shape == (2, 1)
+        pyfunc = mlflow.pyfunc.load_model(f"models:/{NAME}@{CHAMPION}")
+        served = pyfunc.predict(pd.DataFrame({"path": list(preds["path"])}))
+        assert np.allclose(served["probability"], preds["probability"], atol=1e-5)
     finally:
         mlflow.set_tracking_uri("")
