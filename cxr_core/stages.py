@@ -129,12 +129,16 @@ def train_stage(run_dir: Path, cfg: ExperimentConfig, best_hp: dict[str, Any], v
     from cxr_core.data.balance import PREPARED_MANIFEST, BalancedTrainSet, class_weight_for
     from cxr_core.data.inputs import configure_tensorflow, make_datasets
     from cxr_core.data.manifest import read_manifest
+    from cxr_core.evaluation.drift import write_reference
     from cxr_core.training.fit import train_best
 
     configure_tensorflow(cfg.data.intra_op_threads, cfg.data.inter_op_threads)
     manifest = read_manifest(Path(run_dir) / PREPARED_MANIFEST)
     datasets = make_datasets(BalancedTrainSet(manifest, None, class_weight_for(manifest, cfg)), cfg)
-    return train_best(best_hp, datasets, cfg, run_dir, verbose=verbose)
+    trained = train_best(best_hp, datasets, cfg, run_dir, verbose=verbose)
+    # The drift reference travels with the model (model/drift_reference.npz, logged with it).
+    write_reference(Path(trained.model_path).parent, manifest, cfg.data.image_size, cfg.seed)
+    return trained
 
 
 def evaluate_stage(run_dir: Path, cfg: ExperimentConfig, manifest_path: Path,

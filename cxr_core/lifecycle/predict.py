@@ -27,6 +27,8 @@ class LoadedModel:
     image_size: int
     source: str
     _predict_file: Any = field(default=None, repr=False, compare=False)
+    # The drift reference that travelled with the model (cxr_core.evaluation.drift), if any.
+    reference_path: Path | None = field(default=None, compare=False)
 
     def predict_file(self, path: str) -> float:
         """Probability for one image file: decode, resize and model in one compiled graph
@@ -73,7 +75,10 @@ def load_model_dir(model_dir: Path, source: str | None = None) -> LoadedModel:
                        "with every cxr model)")
     model = keras.models.load_model(keras_file)
     threshold = load_threshold(threshold_file.parent).threshold
-    return LoadedModel(model, threshold, int(model.input_shape[1]), source or str(model_dir))
+    from cxr_core.evaluation.drift import REFERENCE_FILE
+
+    return LoadedModel(model, threshold, int(model.input_shape[1]), source or str(model_dir),
+                       reference_path=_find(model_dir, REFERENCE_FILE))
 
 
 def resolve_model_version(client: Any, model_uri: str) -> Any:
