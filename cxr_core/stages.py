@@ -129,12 +129,16 @@ def train_stage(run_dir: Path, cfg: ExperimentConfig, best_hp: dict[str, Any], v
     from cxr_core.data.balance import PREPARED_MANIFEST, BalancedTrainSet, class_weight_for
     from cxr_core.data.inputs import configure_tensorflow, make_datasets
     from cxr_core.data.manifest import read_manifest
+    from cxr_core.evaluation.drift import write_reference
     from cxr_core.training.fit import train_best
 
     configure_tensorflow(cfg.data.intra_op_threads, cfg.data.inter_op_threads)
     manifest = read_manifest(Path(run_dir) / PREPARED_MANIFEST)
     datasets = make_datasets(BalancedTrainSet(manifest, None, class_weight_for(manifest, cfg)), cfg)
-    return train_best(best_hp, datasets, cfg, run_dir, verbose=verbose)
+    trained = train_best(best_hp, datasets, cfg, run_dir, verbose=verbose)
+    # The drift reference travels with the model (model/drift_reference.npz, logged with it).
+    write_reference(Path(trained.model_path).parent, manifest, cfg.data.image_size, cfg.seed)
+    return trained
 
 
 def evaluate_stage(run_dir: Path, cfg: ExperimentConfig, manifest_path: Path,
@@ -146,6 +150,15 @@ def evaluate_stage(run_dir: Path, cfg: ExperimentConfig, manifest_path: Path,
     return evaluate_test_split(loaded.model, loaded.threshold, test_split(manifest_path),
                                cfg.data.image_size, Path(run_dir) / "evaluation", cfg.seed,
                                with_figures=with_figures)
+
+
+def champion_comparisons(client: Any, model_name: str, manifest_path: Path, image_size: int,
+                         candidate_predictions: Path) -> tuple[list[Any] | None, str | None]:
+    """The champion scored on this run's test images and compared with the candidate (see
+    :func:`cxr_core.lifecycle.promotion.champion_comparisons`; flows/tasks.py calls it here)."""
+    from cxr_core.lifecycle.promotion import champion_comparisons as compare
+
+    return compare(client, model_name, manifest_path, image_size, candidate_predictions)
 
 
 def gate_stage(evaluated: EvaluatedModel, cfg: ExperimentConfig,

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from cxr_core.data.labels import LABELS
-from cxr_core.data.manifest import IMAGE_EXTENSIONS, JUNK_DIRS, _inspect_all, _is_junk_name
+from cxr_core.data.manifest import JUNK_DIRS, _inspect_all, _is_junk_name, is_image_path
 from cxr_core.errors import CxrError
 from cxr_core.training.fit import MODEL_FILE, THRESHOLD_FILE, load_threshold
 
@@ -27,6 +27,8 @@ class LoadedModel:
     image_size: int
     source: str
     _predict_file: Any = field(default=None, repr=False, compare=False)
+    # The drift reference that travelled with the model (cxr_core.evaluation.drift), if any.
+    reference_path: Path | None = field(default=None, compare=False)
 
     def predict_file(self, path: str) -> float:
         """Probability for one image file: decode, resize and model in one compiled graph
@@ -73,7 +75,10 @@ def load_model_dir(model_dir: Path, source: str | None = None) -> LoadedModel:
                        "with every cxr model)")
     model = keras.models.load_model(keras_file)
     threshold = load_threshold(threshold_file.parent).threshold
-    return LoadedModel(model, threshold, int(model.input_shape[1]), source or str(model_dir))
+    from cxr_core.evaluation.drift import REFERENCE_FILE
+
+    return LoadedModel(model, threshold, int(model.input_shape[1]), source or str(model_dir),
+                       reference_path=_find(model_dir, REFERENCE_FILE))
 
 
 def resolve_model_version(client: Any, model_uri: str) -> Any:
@@ -153,7 +158,7 @@ def collect_paths(inputs: list[Path]) -> tuple[list[str], list[tuple[str, str]]]
                     path = Path(dirpath) / name
                     if _is_junk_name(name):
                         continue
-                    if path.suffix.lower() in IMAGE_EXTENSIONS:
+                    if is_image_path(path):  # by extension, or DICOM by its preamble
                         found.append(str(path.resolve()))
                     else:
                         skipped.append((str(path), "not an image extension"))
