@@ -152,13 +152,15 @@ def evaluate_stage(run_dir: Path, cfg: ExperimentConfig, manifest_path: Path,
                                with_figures=with_figures)
 
 
-def champion_comparisons(client: Any, model_name: str, manifest_path: Path, image_size: int,
-                         candidate_predictions: Path) -> tuple[list[Any] | None, str | None]:
-    """The champion scored on this run's test images and compared with the candidate (see
-    :func:`cxr_core.lifecycle.promotion.champion_comparisons`; flows/tasks.py calls it here)."""
-    from cxr_core.lifecycle.promotion import champion_comparisons as compare
+def compare_stage(client: Any, model_name: str,
+                  candidate_predictions: Path) -> tuple[Any | None, str | None]:
+    """(ChampionComparison or None, champion version or None): the candidate against the
+    champion on the test images both were tested on (see
+    :func:`cxr_core.lifecycle.promotion.champion_comparison`), ready for :func:`gate_stage`."""
+    from cxr_core.lifecycle.promotion import champion_comparison
 
-    return compare(client, model_name, manifest_path, image_size, candidate_predictions)
+    comparison = champion_comparison(client, model_name, Path(candidate_predictions))
+    return comparison, comparison.champion_version if comparison else None
 
 
 def gate_stage(evaluated: EvaluatedModel, cfg: ExperimentConfig,

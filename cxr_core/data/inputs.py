@@ -360,3 +360,15 @@ def make_datasets(balanced: Any, cfg: ExperimentConfig,
         train = mixup(train, cfg.train.mixup_alpha, cfg.seed)
     val = make_dataset(val_data, size, batch, shuffle=False, seed=cfg.seed)
     return Datasets(train, val, train_data, val_data, steps, balanced.class_weight)
+
+
+def path_dataset(paths: list[str], image_size: int, batch_size: int) -> Any:
+    """(images, paths) batches; files TensorFlow cannot decode are dropped, not fatal."""
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices(paths)
+    ds = ds.map(lambda p: (tf.cast(decode_image(p, image_size), tf.float32), p),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    # A bad file raises inside the map; ignore_errors drops that element and goes on.
+    ds = ds.ignore_errors()
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)

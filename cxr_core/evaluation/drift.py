@@ -127,13 +127,13 @@ def compute_features(model: Any, image_size: int, paths: list[str],
     paths they belong to, in order."""
     import tensorflow as tf
 
-    from cxr_core.lifecycle.predict import _scoring_dataset
+    from cxr_core.data.inputs import path_dataset
 
     embed = embedding_model(model)
     both = tf.function(lambda x: (embed(x, training=False), model(x, training=False)),
                        reduce_retracing=True)
     frames, hists, embs, probs, kept = [], [], [], [], []
-    for images, batch_paths in _scoring_dataset(paths, image_size, batch_size):
+    for images, batch_paths in path_dataset(paths, image_size, batch_size):
         e, p = both(images)
         feats, hist = pixel_features(images.numpy())
         frames.append(feats)
@@ -186,17 +186,19 @@ def write_reference(model_dir: Path, manifest: pd.DataFrame, image_size: int, se
                     split: str = "val") -> Path:
     """The reference of the model in ``model_dir`` from ``split`` of ``manifest`` (at most
     MAX_REFERENCE images, seeded sample), saved beside it."""
+    import keras
+
     from cxr_core.data.inputs import split_rows
-    from cxr_core.lifecycle.predict import load_model_dir
+    from cxr_core.training.fit import MODEL_FILE, load_threshold
 
     rows = split_rows(manifest, split)
     if rows.empty:
         raise ValueError(f"the {split} split is empty: no drift reference")
     if len(rows) > MAX_REFERENCE:
         rows = rows.sample(MAX_REFERENCE, random_state=seed).sort_values("path")
-    loaded = load_model_dir(Path(model_dir))
-    batch, _ = compute_features(loaded.model, image_size, rows["path"].tolist())
-    return save_reference(Path(model_dir) / REFERENCE_FILE, batch, loaded.threshold,
+    model = keras.models.load_model(Path(model_dir) / MODEL_FILE)
+    batch, _ = compute_features(model, image_size, rows["path"].tolist())
+    return save_reference(Path(model_dir) / REFERENCE_FILE, batch, load_threshold(model_dir).threshold,
                           f"{split} split, {len(batch.features)} images")
 
 

@@ -129,7 +129,7 @@ def load_model(model_uri: str, tracking_uri: str | None = None) -> LoadedModel:
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
 
-    from cxr_core.lifecycle.tracking import make_client
+    from cxr_core.lifecycle.client import make_client
 
     tmp = tempfile.mkdtemp(prefix="cxr-model-")
     try:
@@ -167,20 +167,6 @@ def collect_paths(inputs: list[Path]) -> tuple[list[str], list[tuple[str, str]]]
     return found, skipped
 
 
-def _scoring_dataset(paths: list[str], image_size: int, batch_size: int) -> Any:
-    """(images, paths) batches; files TensorFlow cannot decode are dropped, not fatal."""
-    import tensorflow as tf
-
-    from cxr_core.data.inputs import decode_image
-
-    ds = tf.data.Dataset.from_tensor_slices(paths)
-    ds = ds.map(lambda p: (tf.cast(decode_image(p, image_size), tf.float32), p),
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    # A bad file raises inside the map; ignore_errors drops that element and goes on.
-    ds = ds.ignore_errors()
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
-
-
 def predict_paths(loaded: LoadedModel, paths: list[str], batch_size: int = 64,
                   workers: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Score image files. Returns (predictions: path, probability, label; errors: path, error).
@@ -190,10 +176,12 @@ def predict_paths(loaded: LoadedModel, paths: list[str], batch_size: int = 64,
     """
     import tensorflow as tf
 
+    from cxr_core.data.inputs import path_dataset
+
     scored_paths: list[str] = []
     probs: list[np.ndarray] = []
     predict = tf.function(lambda x: loaded.model(x, training=False), reduce_retracing=True)
-    for images, batch_paths in _scoring_dataset(paths, loaded.image_size, batch_size):
+    for images, batch_paths in path_dataset(paths, loaded.image_size, batch_size):
         probs.append(np.asarray(predict(images), np.float64).ravel())
         scored_paths += [p.decode() for p in batch_paths.numpy()]
     prob = np.concatenate(probs) if probs else np.zeros(0)

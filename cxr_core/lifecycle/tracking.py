@@ -18,19 +18,13 @@ import pandas as pd
 
 import cxr_core
 from cxr_core.data.manifest import read_manifest
+from cxr_core.lifecycle.client import make_client  # noqa: F401 - re-exported for callers
 from cxr_core.lifecycle.model_card import MODEL_CARD_ARTIFACT, render_model_card, split_provenance
 from cxr_core.lifecycle.registry import log_keras_model
 
 PARENT_RUN_ID_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
-
-
-def make_client(tracking_uri: str) -> Any:
-    """An MlflowClient bound to ``tracking_uri`` (registry on the same server)."""
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
 def git_commit(start: Path | None = None) -> str:

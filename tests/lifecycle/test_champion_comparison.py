@@ -11,7 +11,7 @@ import pytest
 from cxr_core import stages
 from cxr_core.evaluation.gates import GateThresholds, PairedComparison, decide
 from cxr_core.evaluation.metrics import Interval
-from cxr_core.lifecycle.promotion import champion_comparison, champion_comparisons, promote
+from cxr_core.lifecycle.promotion import champion_comparison, promote
 from cxr_core.lifecycle.registry import TEST_PREDICTIONS_TAG
 
 pytestmark = pytest.mark.integration
@@ -51,8 +51,7 @@ def test_partly_overlapping_test_sets_are_compared_on_the_shared_images(
         decision.summary()
     assert "McNemar on 40 all images" in decision.summary()
     # The flow's current call (flows/tasks.py) goes the same way.
-    assert champion_comparisons(client, model_name, tmp_path / "manifest.parquet", 16,
-                                predictions) == (comparison, champion)
+    assert stages.compare_stage(client, model_name, predictions) == (comparison, champion)
 
 
 def test_too_few_shared_images_skip_the_comparison_with_a_note(client, registrar, model_name,
@@ -97,8 +96,7 @@ def test_no_champion_no_comparison(client, registrar, model_name, tmp_path) -> N
     predictions = tmp_path / "test_predictions.csv"
     registrar.predictions(registrar.hashes(0, 40)).to_csv(predictions, index=False)
     assert champion_comparison(client, model_name, predictions) is None
-    assert champion_comparisons(client, model_name, tmp_path / "m.parquet", 16,
-                                predictions) == (None, None)
+    assert stages.compare_stage(client, model_name, predictions) == (None, None)
 
 
 class _Evaluated:
