@@ -156,7 +156,10 @@ def class_count_frame(manifest: pd.DataFrame) -> pd.DataFrame:
 
 
 def _expectations(cfg: ValidationConfig) -> dict[str, list[Any]]:
-    """The suites, keyed by the GX batch they run on."""
+    """The suites, keyed by the GX batch they run on.
+
+    Long because it is one declarative table, an expectation per check with its severity;
+    split up, the suite could no longer be read in one place."""
     import great_expectations.expectations as gxe
 
     def meta(check: str, severity: str, description: str) -> dict[str, str]:

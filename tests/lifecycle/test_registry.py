@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from cxr_core.lifecycle.promotion import PromotionRejected, PromotionResult, promote, rollback
 from cxr_core.lifecycle.registry import (
@@ -29,7 +30,6 @@ from cxr_core.lifecycle.registry import (
 from cxr_core.lifecycle.serving import write_model_folder
 from cxr_core.lifecycle.tracking import log_trials, start_run
 from cxr_core.training.search import TrialResult
-from support.images import write_image
 
 pytestmark = pytest.mark.integration
 
@@ -173,8 +173,10 @@ def test_predict_by_champion_alias_skips_bad_files(server, client, registrar, mo
     _, version = registrar.candidate(model_name, registrar.predictions(registrar.hashes(0, 40)))
     promote(client, model_name, version)
     folder = tmp_path / "incoming"
-    for i in range(5):
-        write_image(folder / "sub" / f"img{i}.jpeg", i, size=40)
+    for i, level in enumerate((20, 70, 120, 170, 220)):  # five brightness levels: five scores
+        pixels = np.clip(level + np.random.default_rng(i).normal(0, 20, (40, 40)), 0, 255)
+        (folder / "sub").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels.astype(np.uint8)).save(folder / "sub" / f"img{i}.jpeg")
     (folder / "broken.jpeg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     (folder / "notes.txt").write_text("not an image")
     (folder / ".DS_Store").write_bytes(b"x")
