@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CXR := $(VENV)/bin/cxr
 
-.PHONY: install demo test test-fast bench
+.PHONY: install demo demo-dicom test test-fast bench
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -16,6 +16,12 @@ install: $(VENV)/.installed
 # The main job on the embedded default: the retraining flow on synthetic data (quick profile).
 demo: install
 	$(CXR) run
+
+# The same demo on DICOM input: the synthetic set as DICOM files with fake patient
+# identifiers in their headers (patients grouped by a salted hash of PatientID).
+demo-dicom: install
+	test -d .cxr/demo-dicom || $(CXR) data synth .cxr/demo-dicom --format dicom --n-per-class 400
+	$(CXR) run --data-dir .cxr/demo-dicom --profile quick
 
 # The whole suite, slow and integration tests included (what CI runs). Real-data and PostgreSQL
 # tests run when CXR_REAL_DATA / CXR_TEST_POSTGRES_URL are set and skip otherwise.

@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     s3_access_key_id: SecretStr | None = None
     s3_secret_access_key: SecretStr | None = None
     prefect_api_url: str | None = None
+    # Salt of the pseudonymous patient ids taken from DICOM PatientID (HMAC-SHA256). Unset:
+    # a random salt is created under <home>/secrets/ on first use. Never in the repository.
+    pseudonym_salt: SecretStr | None = None
     # Distributed tuning: the address tuner workers reach the chief's oracle at (this
     # machine's address on the workers' network) and the deployment that runs a worker.
     tuner_oracle_host: str = "127.0.0.1"

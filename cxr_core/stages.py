@@ -142,20 +142,24 @@ def train_stage(run_dir: Path, cfg: ExperimentConfig, best_hp: dict[str, Any], v
     from cxr_core.data.balance import PREPARED_MANIFEST, BalancedTrainSet, class_weight_for
     from cxr_core.data.inputs import configure_tensorflow, make_datasets
     from cxr_core.data.manifest import read_manifest
+    from cxr_core.evaluation.drift import write_reference
     from cxr_core.training.fit import train_best
 
     configure_tensorflow(cfg.data.intra_op_threads, cfg.data.inter_op_threads)
     manifest = read_manifest(Path(run_dir) / PREPARED_MANIFEST)
     datasets = make_datasets(BalancedTrainSet(manifest, None, class_weight_for(manifest, cfg)), cfg)
     if live is None:
-        return train_best(best_hp, datasets, cfg, run_dir, verbose=verbose)
-    from cxr_core.training.callbacks import mlflow_epoch_logger
+        trained = train_best(best_hp, datasets, cfg, run_dir, verbose=verbose)
+    else:
+        from cxr_core.training.callbacks import mlflow_epoch_logger
 
-    params = {**cfg.flat(), **{f"hp.{k}": v for k, v in best_hp.items()}}
-    with live_run(live, "final-training", params, {"cxr.stage": "final"}) as (client, run_id):
-        trained = train_best(best_hp, datasets, cfg, run_dir, verbose=verbose,
-                             callbacks=[mlflow_epoch_logger(client, run_id)])
-    trained.run_id = run_id
+        params = {**cfg.flat(), **{f"hp.{k}": v for k, v in best_hp.items()}}
+        with live_run(live, "final-training", params, {"cxr.stage": "final"}) as (client, run_id):
+            trained = train_best(best_hp, datasets, cfg, run_dir, verbose=verbose,
+                                 callbacks=[mlflow_epoch_logger(client, run_id)])
+        trained.run_id = run_id
+    # The drift reference travels with the model (model/drift_reference.npz, logged with it).
+    write_reference(Path(trained.model_path).parent, manifest, cfg.data.image_size, cfg.seed)
     return trained
 
 
@@ -181,18 +185,11 @@ def compare_stage(client: Any, model_name: str,
     return comparison, comparison.champion_version if comparison else None
 
 
-def champion_comparisons(client: Any, model_name: str, manifest_path: Path, image_size: int,
-                         candidate_predictions: Path) -> tuple[Any | None, str | None]:
-    """The call flows/tasks.py makes: :func:`compare_stage`. ``manifest_path`` and
-    ``image_size`` are unused (the champion is no longer re-scored on this run's split); kept
-    until that caller moves to compare_stage."""
-    return compare_stage(client, model_name, candidate_predictions)
-
-
 def gate_stage(evaluated: EvaluatedModel, cfg: ExperimentConfig,
                comparisons: Any | None, champion_version: str | None) -> Any:
-    """The GateDecision for this candidate (pure). ``comparisons``: what :func:`compare_stage`
-    returned (a ChampionComparison, or None without a champion)."""
+    """The GateDecision for this candidate (pure). ``comparisons``: the candidate against the
+    champion (:func:`cxr_core.lifecycle.promotion.champion_comparison`: a ChampionComparison,
+    or None without a champion)."""
     from cxr_core.evaluation.gates import decide, thresholds_from_config
 
     return decide(evaluated.evaluation.metrics, thresholds_from_config(cfg.gates), comparisons,

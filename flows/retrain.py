@@ -166,8 +166,7 @@ def _stages(settings: Settings, spec: RunSpec, cfg: Any, refs: Any, tuner_worker
         trained = tasks.train(run_dir, cfg, best_hp, live)
     with _timed(timings, "evaluate"):
         evaluated = tasks.evaluate(run_dir, cfg, prepared)
-        comparisons, champion = tasks.compare_with_champion(
-            uri, model_name, prepared, cfg.data.image_size, evaluated.predictions_path)
+        comparisons, champion = tasks.compare_with_champion(uri, model_name, evaluated.predictions_path)
         decision = tasks.gate(evaluated, cfg, comparisons, champion)
     with _timed(timings, "log_and_register"):
         refs = tasks.log_results(uri, refs, model_name, cfg, run_dir, validated, trials, trained,

@@ -113,3 +113,25 @@ def start_mlflow_server(backend_store_uri: str, artifacts_destination: str, log_
         stop_group(proc.pid)
         raise
     return ServerProcess("mlflow", proc, url, log_path)
+
+
+def start_model_server(model_uri: str, log_path: Path, host: str = "127.0.0.1",
+                       port: int | None = None, env: dict[str, str] | None = None,
+                       workers: int = 1, timeout: float = 120.0) -> ServerProcess:
+    """``mlflow models serve`` of a cxr model (its image pyfunc) in the current environment
+    (``--env-manager local``); ``models:/`` URIs need MLFLOW_TRACKING_URI in ``env``."""
+    port = port or free_port(host)
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--host", host,
+           "--port", str(port), "--workers", str(workers), "--env-manager", "local"]
+    # MLflow execs `uvicorn` by name: the interpreter's bin folder must be on PATH (it is not
+    # when this Python runs from a virtual environment that was never activated).
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {"PATH": path, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", **(env or {})}
+    proc = spawn_detached("model-server", cmd, log_path, env)
+    url = f"http://{host}:{port}"
+    try:
+        wait_healthy(f"{url}/ping", proc, timeout, log_path)
+    except BaseException:
+        stop_group(proc.pid)
+        raise
+    return ServerProcess("model-server", proc, url, log_path)

@@ -90,12 +90,9 @@ def start_tracking(tracking_uri: str, experiment: str, cfg: ExperimentConfig, ru
 
 
 @task(name="compare-with-champion", **IO_RETRIES)
-def compare_with_champion(tracking_uri: str, model_name: str, manifest_path: Path,
-                          image_size: int, predictions: Path) -> tuple[Any, str | None]:
-    from cxr_core.lifecycle.promotion import champion_comparisons
-
-    return champion_comparisons(mlflow_client(tracking_uri), model_name, manifest_path,
-                                image_size, predictions)
+def compare_with_champion(tracking_uri: str, model_name: str,
+                          predictions: Path) -> tuple[Any, str | None]:
+    return stages.compare_stage(mlflow_client(tracking_uri), model_name, predictions)
 
 
 @task(name="gate", **COMPUTE)

@@ -206,8 +206,13 @@ def load_gray(path: str | Path) -> np.ndarray:
 
     16-bit images keep their top byte (value // 256, as TensorFlow's ``decode_image(dtype=
     uint8)`` does): Pillow's ``convert('L')`` would clip them at 255 into a white image.
-    Colour and alpha images use Pillow's ITU-R 601 luma, alpha dropped.
+    Colour and alpha images use Pillow's ITU-R 601 luma, alpha dropped. DICOM files go
+    through :func:`cxr_core.data.dicom.read_gray` (VOI LUT/window, MONOCHROME1 inverted).
     """
+    from cxr_core.data import dicom
+
+    if dicom.is_dicom(path):
+        return dicom.read_gray(path)
     with Image.open(path) as img:
         img.load()
         if img.mode == "L":

@@ -17,7 +17,7 @@ from cxr_core.data.labels import LABELS, POSITIVE
 from cxr_core.errors import DataValidationError
 
 # Formats TensorFlow decodes natively; others (TIFF) are refused before training starts.
-TF_DECODABLE = frozenset({"JPEG", "PNG", "BMP", "GIF"})
+TF_DECODABLE = frozenset({"JPEG", "PNG", "BMP", "GIF", "DICOM"})  # DICOM via pydicom
 
 
 @dataclass(frozen=True)
@@ -88,20 +88,56 @@ def split_data(manifest: pd.DataFrame, split: str) -> SplitData:
 
 
 def decode_image(path, image_size: int):
-    """File path tensor -> uint8 tensor [size, size, 1] (any channel count, 8 or 16 bit)."""
+    """File path tensor -> uint8 tensor [size, size, 1] (any channel count, 8 or 16 bit;
+    DICOM by extension or preamble)."""
     import tensorflow as tf
 
-    raw = tf.io.read_file(path)
+    from cxr_core.data.dicom import DICOM_EXTENSIONS
+
+    pattern = r".*\.(" + "|".join(sorted(e.lstrip(".") for e in DICOM_EXTENSIONS)) + ")"
+    named_dicom = tf.strings.regex_full_match(tf.strings.lower(path), pattern)
+    return decode_bytes(tf.io.read_file(path), image_size, dicom_hint=named_dicom, name=path)
+
+
+def decode_bytes(raw, image_size: int, dicom_hint=False, name="<bytes>"):
+    """Encoded image bytes (JPEG, PNG, BMP, GIF or DICOM) -> uint8 tensor [size, size, 1]:
+    the one decode path of training, evaluation, ``cxr predict`` and the serving model."""
+    import tensorflow as tf
+
+    head = tf.strings.substr(raw, 0, 132) + b" " * 132  # substr truncates; pad to test byte 128
+    is_dicom = tf.logical_or(dicom_hint, tf.equal(tf.strings.substr(head, 128, 4), b"DICM"))
+    img = tf.cond(is_dicom, lambda: _decode_dicom(raw, name), lambda: _decode_native(raw))
+    img = tf.image.resize(img, [image_size, image_size], method="bilinear", antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(img), 0, 255), tf.uint8)
+
+
+def _decode_native(raw):
+    import tensorflow as tf
+
     # dtype=uint8 rescales 16-bit PNGs instead of truncating them.
     img = tf.io.decode_image(raw, channels=0, dtype=tf.uint8, expand_animations=False)
     channels = tf.shape(img)[-1]
-    img = tf.cond(
+    return tf.cond(
         channels >= 3,
         lambda: tf.image.rgb_to_grayscale(img[..., :3]),
         lambda: img[..., :1],  # L, or LA: drop alpha
     )
-    img = tf.image.resize(img, [image_size, image_size], method="bilinear", antialias=True)
-    return tf.cast(tf.clip_by_value(tf.round(img), 0, 255), tf.uint8)
+
+
+def _decode_dicom(raw, name):
+    """DICOM through pydicom (tf.py_function): TensorFlow has no DICOM decoder. The cost is
+    Python-side decoding under the GIL, once per file per run (the dataset caches decoded
+    images); a file that fails raises, as a corrupt JPEG does."""
+    import tensorflow as tf
+
+    from cxr_core.data.dicom import decode_gray
+
+    def decode(data, label):
+        return decode_gray(data.numpy(), label.numpy().decode("utf-8", "replace"))[..., None]
+
+    img = tf.py_function(decode, [raw, name], Tout=tf.uint8)
+    img.set_shape([None, None, 1])
+    return img
 
 
 def make_dataset(data: SplitData, image_size: int, batch_size: int, shuffle: bool, seed: int,
@@ -324,3 +360,15 @@ def make_datasets(balanced: Any, cfg: ExperimentConfig,
         train = mixup(train, cfg.train.mixup_alpha, cfg.seed)
     val = make_dataset(val_data, size, batch, shuffle=False, seed=cfg.seed)
     return Datasets(train, val, train_data, val_data, steps, balanced.class_weight)
+
+
+def path_dataset(paths: list[str], image_size: int, batch_size: int) -> Any:
+    """(images, paths) batches; files TensorFlow cannot decode are dropped, not fatal."""
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices(paths)
+    ds = ds.map(lambda p: (tf.cast(decode_image(p, image_size), tf.float32), p),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    # A bad file raises inside the map; ignore_errors drops that element and goes on.
+    ds = ds.ignore_errors()
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)

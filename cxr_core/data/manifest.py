@@ -17,10 +17,12 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
+from cxr_core.data import dicom
 from cxr_core.data.labels import LABELS
 from cxr_core.errors import DataLayoutError
 
-IMAGE_EXTENSIONS = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff"})
+# DICOM files without one of these extensions are found by their preamble (is_image_path).
+IMAGE_EXTENSIONS = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff"}) | dicom.DICOM_EXTENSIONS
 JUNK_NAMES = frozenset({".ds_store", "thumbs.db", "desktop.ini", "icon\r"})
 JUNK_DIRS = frozenset({".ipynb_checkpoints", "__macosx", "__pycache__"})
 SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
@@ -30,6 +32,7 @@ FORMAT_EXTENSIONS = {
     "PNG": {".png"},
     "BMP": {".bmp"},
     "TIFF": {".tif", ".tiff"},
+    "DICOM": set(dicom.DICOM_EXTENSIONS),  # or no image extension at all (found by preamble)
 }
 MANIFEST_COLUMNS = [
     "path", "relpath", "folder_split", "split", "split_origin", "label", "patient_id",
@@ -73,6 +76,12 @@ def patient_id_from_name(filename: str) -> str:
     if m := _IM.match(name):
         return m.group(1).upper()
     return Path(name).stem
+
+
+def is_image_path(path: Path) -> bool:
+    """An image by extension, or a DICOM file by its preamble whatever its name (DICOM
+    archives often name files by UID or not at all)."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS or dicom.sniff_file(path)
 
 
 def _is_junk_name(name: str) -> bool:
@@ -139,7 +148,7 @@ def _walk_files(folder: Path, listing: _Listing) -> list[Path]:
             path = Path(dirpath) / name
             if _is_junk_name(name):
                 listing.skipped.append((str(path), "hidden or OS metadata file"))
-            elif path.suffix.lower() not in IMAGE_EXTENSIONS:
+            elif not is_image_path(path):
                 listing.skipped.append((str(path), f"not an image extension ({path.suffix or 'none'})"))
             else:
                 found.append(path)
@@ -172,7 +181,7 @@ def list_dataset(root: Path) -> _Listing:
                 listing.files.extend((f, split, label) for f in files)
             elif _is_junk_name(entry.name):
                 listing.skipped.append((str(entry), "hidden or OS metadata file"))
-            elif entry.suffix.lower() in IMAGE_EXTENSIONS:
+            elif is_image_path(entry):
                 listing.loose_files.append(str(entry))
                 listing.files.append((entry, split, None))
             else:
@@ -180,8 +189,11 @@ def list_dataset(root: Path) -> _Listing:
     return listing
 
 
-def inspect_image(path: str) -> dict[str, object]:
-    """Hash and fully decode one file; never raises for a bad file (the error is recorded)."""
+def inspect_image(path: str, salt: bytes | None = None) -> dict[str, object]:
+    """Hash and fully decode one file; never raises for a bad file (the error is recorded).
+
+    DICOM files (by extension or preamble) also give their header facts and, with ``salt``,
+    ``patient_pseudonym``: the salted hash of their PatientID (never the id itself)."""
     row: dict[str, object] = {
         "path": path, "format": None, "width": None, "height": None, "mode": None,
         "channels": None, "bytes": None, "sha256": None, "readable": False, "error": None,
@@ -195,6 +207,14 @@ def inspect_image(path: str) -> dict[str, object]:
     row["sha256"] = hashlib.sha256(data).hexdigest()
     if not data:
         row["error"] = "zero-byte file"
+        return row
+    if dicom.is_dicom(path, head=data[:132]):
+        try:
+            row.update(dicom.inspect_dicom(data, path, salt))
+            row["readable"] = True
+        except dicom.DicomDecodeError as exc:
+            row["format"] = "DICOM"
+            row["error"] = str(exc).removeprefix(f"{path}: ")
         return row
     try:
         import io
@@ -213,14 +233,15 @@ def inspect_image(path: str) -> dict[str, object]:
     return row
 
 
-def _inspect_all(paths: list[str], workers: int) -> list[dict[str, object]]:
+def _inspect_all(paths: list[str], workers: int,
+                 salt: bytes | None = None) -> list[dict[str, object]]:
     if workers <= 1 or len(paths) < _SERIAL_BELOW:
-        return [inspect_image(p) for p in paths]
+        return [inspect_image(p, salt) for p in paths]
     # Threads, not processes: Pillow's decoders and hashlib release the GIL, so large images
     # decode in parallel (2x on 2 cores for full-resolution X-rays), with no process start-up
     # cost and no fork/spawn hazards next to TensorFlow or in scripts without a main guard.
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(inspect_image, paths))
+        return list(pool.map(inspect_image, paths, [salt] * len(paths)))
 
 
 def scan_dataset(data_dir: Path, workers: int = 0) -> ScanResult:
@@ -231,9 +252,13 @@ def scan_dataset(data_dir: Path, workers: int = 0) -> ScanResult:
     root = find_data_root(Path(data_dir)).resolve()
     listing = list_dataset(root)
     workers = workers or (os.cpu_count() or 1)
-    inspected = _inspect_all([str(p) for p, _, _ in listing.files], workers)
+    has_dicom = any(dicom.is_dicom(p) for p, _, _ in listing.files)
+    # The salt is read (or created under the home) only when there is DICOM to pseudonymize.
+    salt = dicom.pseudonym_salt() if has_dicom else None
+    inspected = _inspect_all([str(p) for p, _, _ in listing.files], workers, salt)
     rows = []
     for (path, split, label), info in zip(listing.files, inspected):
+        pseudonym = info.pop("patient_pseudonym", None)
         rows.append({
             **info,
             "relpath": path.relative_to(root).as_posix(),
@@ -241,14 +266,19 @@ def scan_dataset(data_dir: Path, workers: int = 0) -> ScanResult:
             "split": split,
             "split_origin": "folder",
             "label": label,
-            "patient_id": patient_id_from_name(path.name),
+            # DICOM: the salted hash of PatientID groups a patient's images; else the name.
+            "patient_id": pseudonym or patient_id_from_name(path.name),
             "extension": path.suffix.lower(),
         })
-    manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+    # DICOM header facts appear only for data sets that have DICOM files.
+    columns = MANIFEST_COLUMNS + (dicom.HEADER_COLUMNS if has_dicom else [])
+    manifest = pd.DataFrame(rows, columns=columns)
     manifest = manifest.astype({
         "width": "Int64", "height": "Int64", "channels": "Int64", "bytes": "Int64",
         "readable": bool,
     })
+    if has_dicom:
+        manifest = manifest.astype({"dicom_pixel_spacing": "Float64", "dicom_bits_stored": "Int64"})
     return ScanResult(
         root=root,
         manifest=manifest,

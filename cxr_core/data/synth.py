@@ -715,13 +715,20 @@ def synthesize_dataset(
     size: int = 128,
     seed: int = 0,
     split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
+    fmt: str = "jpeg",
 ) -> SynthSummary:
-    """Write a data set in the Kaggle chest-xray-pneumonia layout; same seed, same bytes."""
+    """Write a data set in the Kaggle chest-xray-pneumonia layout; same seed, same bytes.
+
+    ``fmt="dicom"`` writes the same images as DICOM files (``img-NNNNNN.dcm``, some without
+    an extension) with fake patient identifiers in their headers; patients are then known
+    only from the header's PatientID (see :mod:`cxr_core.data.synth_dicom`)."""
     out_dir = Path(out_dir)
     if n_per_class < 1:
         raise ValueError(f"n_per_class must be >= 1, got {n_per_class}")
     if size < 16:
         raise ValueError(f"size must be at least 16 pixels, got {size}")
+    if fmt not in ("jpeg", "dicom"):
+        raise ValueError(f"format must be 'jpeg' or 'dicom', got {fmt!r}")
     if len(split_fractions) != 3 or min(split_fractions) < 0 or sum(split_fractions) <= 0:
         raise ValueError(f"split_fractions must be 3 non-negative numbers, got {split_fractions}")
     # Never overwrite or delete: a non-empty target is refused before anything is written.
@@ -744,8 +751,14 @@ def synthesize_dataset(
         rng = np.random.default_rng([seed, _STREAM_IMAGE, item.index])
         finding = _sample_finding(rng, item.subtype) if item.label == "PNEUMONIA" else None
         pixels = _render(rng, size, anatomy[item.patient], finding)
-        path = out_dir / item.split / item.label / item.name
-        Image.fromarray(pixels).save(path, format="JPEG", quality=JPEG_QUALITY)
+        if fmt == "dicom":
+            from cxr_core.data.synth_dicom import file_name, write_dicom
+
+            write_dicom(out_dir / item.split / item.label / file_name(item.index), pixels,
+                        seed, item.patient, item.index)
+        else:
+            path = out_dir / item.split / item.label / item.name
+            Image.fromarray(pixels).save(path, format="JPEG", quality=JPEG_QUALITY)
         counts[item.split][item.label] += 1
 
     return SynthSummary(root=out_dir, counts=counts, n_patients=len({p.patient for p in plan}))

@@ -17,8 +17,15 @@ from typing import Any
 import pandas as pd
 
 from cxr_core.config import DataConfig, ValidationConfig
+from cxr_core.data.dicom_checks import dicom_expectations, dicom_frame, dicom_observed
 from cxr_core.data.labels import LABELS
-from cxr_core.data.manifest import FORMAT_EXTENSIONS, MANIFEST_COLUMNS, ScanResult, manifest_hash
+from cxr_core.data.manifest import (
+    FORMAT_EXTENSIONS,
+    IMAGE_EXTENSIONS,
+    MANIFEST_COLUMNS,
+    ScanResult,
+    manifest_hash,
+)
 from cxr_core.data.splits import carved_overlap_mask, scan_and_split
 from cxr_core.evaluation.shortcuts import shortcut_auc
 
@@ -103,6 +110,8 @@ class ValidationReport:
 def _format_matches_extension(row: pd.Series) -> bool:
     if not row["readable"] or row["format"] not in FORMAT_EXTENSIONS:
         return True  # unreadable files are reported by their own check
+    if row["format"] == "DICOM" and row["extension"] not in IMAGE_EXTENSIONS:
+        return True  # DICOM archives name files by UID or not at all: found by the preamble
     return row["extension"] in FORMAT_EXTENSIONS[row["format"]]
 
 
@@ -147,7 +156,10 @@ def class_count_frame(manifest: pd.DataFrame) -> pd.DataFrame:
 
 
 def _expectations(cfg: ValidationConfig) -> dict[str, list[Any]]:
-    """The suites, keyed by the GX batch they run on."""
+    """The suites, keyed by the GX batch they run on.
+
+    Long because it is one declarative table, an expectation per check with its severity;
+    split up, the suite could no longer be read in one place."""
     import great_expectations.expectations as gxe
 
     def meta(check: str, severity: str, description: str) -> dict[str, str]:
@@ -340,9 +352,15 @@ def validate_scan(scan: ScanResult, cfg: ValidationConfig, report_dir: Path | No
         "shortcut_audit": (pd.DataFrame({"group": ["all"], "shortcut_auc": [auc]},
                                         ).astype({"shortcut_auc": "float64"}), "group"),
     }
+    dicom = dicom_frame(manifest)
+    if dicom is not None:  # DICOM header checks, only for data sets that have DICOM files
+        frames["dicom_header"] = (dicom, "path")
+        suites["dicom_header"] = dicom_expectations(ERROR, WARNING)
     checks = _layout_checks(scan)
     for name, (frame, key) in frames.items():
         checks += _run_suite(ctx, name, frame, suites[name], key, with_docs=docs_dir is not None)
+    if dicom is not None:
+        dicom_observed(checks, dicom)
     for check in checks:
         if check.name == "size_shortcut":  # say the figure, not "1 of 1 rows"
             check.observed = ("too little data for the audit" if auc is None else

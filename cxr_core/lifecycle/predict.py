@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from cxr_core.data.labels import LABELS
-from cxr_core.data.manifest import IMAGE_EXTENSIONS, JUNK_DIRS, _inspect_all, _is_junk_name
+from cxr_core.data.manifest import JUNK_DIRS, _inspect_all, _is_junk_name, is_image_path
 from cxr_core.errors import CxrError
 from cxr_core.training.fit import MODEL_FILE, THRESHOLD_FILE, load_threshold
 
@@ -27,6 +27,8 @@ class LoadedModel:
     image_size: int
     source: str
     _predict_file: Any = field(default=None, repr=False, compare=False)
+    # The drift reference that travelled with the model (cxr_core.evaluation.drift), if any.
+    reference_path: Path | None = field(default=None, compare=False)
 
     def predict_file(self, path: str) -> float:
         """Probability for one image file: decode, resize and model in one compiled graph
@@ -73,7 +75,10 @@ def load_model_dir(model_dir: Path, source: str | None = None) -> LoadedModel:
                        "with every cxr model)")
     model = keras.models.load_model(keras_file)
     threshold = load_threshold(threshold_file.parent).threshold
-    return LoadedModel(model, threshold, int(model.input_shape[1]), source or str(model_dir))
+    from cxr_core.evaluation.drift import REFERENCE_FILE
+
+    return LoadedModel(model, threshold, int(model.input_shape[1]), source or str(model_dir),
+                       reference_path=_find(model_dir, REFERENCE_FILE))
 
 
 def resolve_model_version(client: Any, model_uri: str) -> Any:
@@ -124,7 +129,7 @@ def load_model(model_uri: str, tracking_uri: str | None = None) -> LoadedModel:
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
 
-    from cxr_core.lifecycle.tracking import make_client
+    from cxr_core.lifecycle.client import make_client
 
     tmp = tempfile.mkdtemp(prefix="cxr-model-")
     try:
@@ -153,27 +158,13 @@ def collect_paths(inputs: list[Path]) -> tuple[list[str], list[tuple[str, str]]]
                     path = Path(dirpath) / name
                     if _is_junk_name(name):
                         continue
-                    if path.suffix.lower() in IMAGE_EXTENSIONS:
+                    if is_image_path(path):  # by extension, or DICOM by its preamble
                         found.append(str(path.resolve()))
                     else:
                         skipped.append((str(path), "not an image extension"))
         else:
             skipped.append((str(item), "no such file or folder"))
     return found, skipped
-
-
-def _scoring_dataset(paths: list[str], image_size: int, batch_size: int) -> Any:
-    """(images, paths) batches; files TensorFlow cannot decode are dropped, not fatal."""
-    import tensorflow as tf
-
-    from cxr_core.data.inputs import decode_image
-
-    ds = tf.data.Dataset.from_tensor_slices(paths)
-    ds = ds.map(lambda p: (tf.cast(decode_image(p, image_size), tf.float32), p),
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    # A bad file raises inside the map; ignore_errors drops that element and goes on.
-    ds = ds.ignore_errors()
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
 def predict_paths(loaded: LoadedModel, paths: list[str], batch_size: int = 64,
@@ -185,10 +176,12 @@ def predict_paths(loaded: LoadedModel, paths: list[str], batch_size: int = 64,
     """
     import tensorflow as tf
 
+    from cxr_core.data.inputs import path_dataset
+
     scored_paths: list[str] = []
     probs: list[np.ndarray] = []
     predict = tf.function(lambda x: loaded.model(x, training=False), reduce_retracing=True)
-    for images, batch_paths in _scoring_dataset(paths, loaded.image_size, batch_size):
+    for images, batch_paths in path_dataset(paths, loaded.image_size, batch_size):
         probs.append(np.asarray(predict(images), np.float64).ravel())
         scored_paths += [p.decode() for p in batch_paths.numpy()]
     prob = np.concatenate(probs) if probs else np.zeros(0)

@@ -18,7 +18,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from cxr_core.lifecycle.model_card import MODEL_CARD_ARTIFACT, with_registration
@@ -50,38 +49,16 @@ class VersionInfo:
     created: str
 
 
-def save_keras_model(model_dir: Path, out: Path, image_size: int) -> Path:
-    """Save the Keras model of ``model_dir`` in the ``mlflow.keras`` flavor under ``out``
-    (signature, input example, requirements, the threshold file beside it)."""
-    import keras
-    import mlflow.keras
-    import tensorflow as tf
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import Schema, TensorSpec
-
-    model = keras.models.load_model(Path(model_dir) / "model.keras")
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, image_size, image_size, 1), "image")]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1), "pneumonia")]),
-    )
-    example = np.full((1, image_size, image_size, 1), 128.0, np.float32)
-    requirements = [f"keras=={keras.__version__}", f"tensorflow=={tf.__version__}"]
-    out = Path(out)
-    out.mkdir(parents=True)  # the keras flavor writes into an existing folder
-    mlflow.keras.save_model(model, str(out), signature=signature, input_example=example,
-                            pip_requirements=requirements)
-    for extra in ("threshold.json",):
-        src = Path(model_dir) / extra
-        if src.is_file():
-            (out / extra).write_bytes(src.read_bytes())
-    return out
-
-
 def log_keras_model(client: Any, run_id: str, model_dir: Path, image_size: int) -> str:
-    """:func:`save_keras_model` and upload it to the run. Returns the artifact URI of the
-    model (``runs:/<run>/model``)."""
+    """Save the Keras model in the ``mlflow.keras`` flavor with an image-native pyfunc
+    flavor (encoded images in, probability/label/threshold out), requirements, and the
+    threshold file and drift reference beside it (see
+    :func:`cxr_core.lifecycle.serving.write_model_folder`), and upload it to the run.
+    Returns the artifact URI of the model (``runs:/<run>/model``)."""
+    from cxr_core.lifecycle.serving import write_model_folder
+
     with tempfile.TemporaryDirectory() as tmp:
-        out = save_keras_model(model_dir, Path(tmp) / MODEL_ARTIFACT, image_size)
+        out = write_model_folder(Path(model_dir), Path(tmp) / MODEL_ARTIFACT)
         client.log_artifacts(run_id, str(out), MODEL_ARTIFACT)
     return f"runs:/{run_id}/{MODEL_ARTIFACT}"
 

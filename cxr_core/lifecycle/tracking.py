@@ -20,6 +20,7 @@ import pandas as pd
 
 import cxr_core
 from cxr_core.data.manifest import read_manifest
+from cxr_core.lifecycle.client import make_client  # noqa: F401 - re-exported for callers
 from cxr_core.lifecycle.model_card import MODEL_CARD_ARTIFACT, render_model_card, split_provenance
 from cxr_core.lifecycle.registry import SUMMARY_ARTIFACT, log_keras_model
 
@@ -31,13 +32,6 @@ NOTE_TAG = "mlflow.note.content"  # the run page's description
 # parent run through these variables and log each trial live, as it trains.
 TRACKING_URI_ENV = "CXR_LIVE_TRACKING_URI"
 PARENT_RUN_ENV = "CXR_LIVE_PARENT_RUN_ID"
-
-
-def make_client(tracking_uri: str) -> Any:
-    """An MlflowClient bound to ``tracking_uri`` (registry on the same server)."""
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
 def git_commit(start: Path | None = None) -> str:

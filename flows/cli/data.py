@@ -21,13 +21,17 @@ def data_synth(
     n_per_class: Annotated[int, typer.Option(help="Images per class over all splits.")] = 120,
     size: Annotated[int, typer.Option(help="Image side in pixels.")] = 128,
     seed: Annotated[int, typer.Option(help="Same seed, same bytes.")] = 0,
+    fmt: Annotated[str, typer.Option(
+        "--format", help="jpeg, or dicom: DICOM files with fake patient identifiers in their "
+        "headers (8-16 bit, windowed, MONOCHROME1, RLE, some without extension).")] = "jpeg",
 ) -> None:
     """Write a synthetic chest X-ray data set in the Kaggle layout (train/val/test x
-    NORMAL/PNEUMONIA, JPEG, several images per patient)."""
+    NORMAL/PNEUMONIA, JPEG or DICOM, several images per patient)."""
     from cxr_core.data.synth import synthesize_dataset
 
     try:
-        summary = synthesize_dataset(out, n_per_class=n_per_class, size=size, seed=seed)
+        summary = synthesize_dataset(out, n_per_class=n_per_class, size=size, seed=seed,
+                                     fmt=fmt.lower())
     except (FileExistsError, ValueError) as exc:
         fail(str(exc), EXIT_BAD_INPUT)
     typer.echo(f"wrote {summary.root} ({summary.n_patients} patients)")

@@ -27,6 +27,10 @@ def deploy_cmd(
     gpu_pool_type: Annotated[str, typer.Option(
         help="Type used if the gpu pool must be created: 'process' here, 'kubernetes' in "
         "production with infra/k8s/gpu-work-pool.json.")] = "process",
+    retrain_on_drift: Annotated[bool, typer.Option(
+        "--retrain-on-drift/--no-retrain-on-drift", help="Turn on the retrain-on-drift "
+        "automation: a drifted prediction batch (cxr.drift.detected) runs the retrain "
+        "deployment. It is created either way, off unless this is given.")] = False,
 ) -> None:
     """Create the work pools (if missing) and the deployments: retrain (weekly on --data-dir
     by default), promote, batch-predict and tune-worker. Needs a Prefect server (cxr stack
@@ -45,10 +49,14 @@ def deploy_cmd(
     if not api:
         fail("no Prefect server: run `cxr stack up` or set CXR_PREFECT_API_URL", EXIT_BAD_INPUT)
     os.environ["PREFECT_API_URL"] = api
+    from flows.drift import AUTOMATION_NAME, ensure_drift_automation
+
     try:
         ensure_work_pool(cpu_pool, "process")
         ensure_work_pool(gpu_pool, gpu_pool_type)
-        deploy_all(specs)
+        ids = deploy_all(specs)
+        retrain_id = next(i for spec, i in zip(specs, ids) if spec.entrypoint.startswith("flows/retrain"))
+        ensure_drift_automation(retrain_id, enabled=retrain_on_drift)
     except Exception as exc:
         if not is_transient(exc):
             raise
@@ -57,5 +65,7 @@ def deploy_cmd(
         flow_name = spec.entrypoint.split(":")[1].removesuffix("_flow").replace("_", "-")
         typer.echo(f"deployed {flow_name}/{spec.name} on pool {spec.pool}"
                    + (f", cron '{spec.cron}'" if spec.cron else ""))
+    typer.echo(f"automation {AUTOMATION_NAME}: {'on' if retrain_on_drift else 'off'} (runs "
+               "retrain on cxr.drift.detected; --retrain-on-drift turns it on)")
     typer.echo(f"start workers: prefect worker start --pool {cpu_pool}  (and --pool {gpu_pool} "
                "on GPU machines)")

@@ -18,6 +18,12 @@ def predict_cmd(
     output: Annotated[Path, typer.Option("--output", help="CSV: path, probability, label.")] = Path(
         "predictions.csv"),
     batch_size: Annotated[int, typer.Option(help="Images per inference batch.")] = 64,
+    drift: Annotated[bool, typer.Option(
+        "--drift/--no-drift", help="Compare the batch with the model's drift reference: "
+        "<output>.drift.json and .drift.md, an MLflow run in <experiment>-monitoring, and a "
+        "Prefect event (cxr.drift.detected) when it drifted and a Prefect server is set.")] = True,
+    drift_alpha: Annotated[float, typer.Option(
+        help="Family-wise significance level of the drift tests (Bonferroni).")] = 0.01,
 ) -> None:
     """Score images with a registered model at its stored threshold. Unreadable files are
     reported (and listed in <output>.errors.csv) and skipped; the run goes on."""
@@ -42,3 +48,31 @@ def predict_cmd(
     typer.echo(f"{len(preds)} image(s) scored with {uri} (threshold {loaded.threshold:.4f}): "
                f"{n_pos} PNEUMONIA, {len(preds) - n_pos} NORMAL; {len(errors)} unreadable")
     typer.echo(f"wrote {output}")
+    if drift and len(preds):
+        _drift_check(loaded, list(preds["path"]), output, uri, settings, drift_alpha)
+
+
+def _drift_check(loaded, paths, output, uri, settings, alpha) -> None:
+    """Run the drift check and say what it found (never changes the exit code)."""
+    import os
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.drift import check_predictions, flush_events
+
+    # Events go out only to a configured server: no throw-away one just for an event.
+    api = os.environ.get("PREFECT_API_URL") or settings.prefect_api_url
+    with temporary_settings({PREFECT_API_URL: api} if api else {}):
+        outcome = check_predictions(loaded, paths, output, uri, settings, alpha, emit=bool(api))
+        if outcome.event_sent:
+            flush_events()
+    r = outcome.report
+    verdict = ("skipped: " + r.skipped) if r.skipped else ("DRIFTED" if r.drifted else "no drift")
+    typer.echo(f"drift check: {verdict}; {outcome.json_path}, {outcome.summary_path}")
+    for reason in r.reasons:
+        typer.echo(f"  drift: {reason}", err=True)
+    if outcome.log_error:
+        typer.echo(f"  drift check not logged to MLflow: {outcome.log_error}", err=True)
+    if r.drifted:
+        typer.echo("  Prefect event cxr.drift.detected " + ("sent" if outcome.event_sent else
+                   "not sent (no Prefect server: cxr stack up or CXR_PREFECT_API_URL)"))

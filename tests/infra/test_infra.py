@@ -507,3 +507,12 @@ def test_production_doc_mentions_the_commands():
                  "--base-job-template infra/k8s/gpu-work-pool.json",
                  "deploy --all", "/#/experiments/", "KERASTUNER_TUNER_ID"):
         assert text in doc, text
+
+
+def test_retrain_has_a_drift_trigger_off_by_default(prefect_yaml):
+    retrain = next(d for d in prefect_yaml["deployments"] if d["name"] == "retrain")
+    (trigger,) = retrain["triggers"]
+    assert trigger["expect"] == ["cxr.drift.detected"] and trigger["enabled"] is False
+    models = pytest.importorskip("prefect.cli.deploy._models")
+    parsed = models.PrefectYamlModel.model_validate(prefect_yaml)
+    assert next(d for d in parsed.deployments if d.name == "retrain").triggers

@@ -56,7 +56,10 @@ def model_dir(tmp_path_factory) -> Path:
 
     d = tmp_path_factory.mktemp("model")
     model = build_cnn(SIZE, blocks=3, base_filters=8, dense_units=0)
-    x = np.random.default_rng(0).uniform(0, 255, (32, SIZE, SIZE, 1)).astype("float32")
+    # Spread over images of every brightness, so files of different brightness score apart.
+    rng = np.random.default_rng(0)
+    levels = np.linspace(10, 245, 32, dtype="float32")[:, None, None, None]
+    x = np.clip(levels + rng.normal(0, 20, (32, SIZE, SIZE, 1)), 0, 255).astype("float32")
     spread_outputs(model, x)
     model.save(d / "model.keras")
     save_threshold(d / "threshold.json", ThresholdChoice(0.5, 0.96, 0.5, 0.7, 0.95, 20, 20))

@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from cxr_core.lifecycle.promotion import PromotionRejected, PromotionResult, promote, rollback
 from cxr_core.lifecycle.registry import (
@@ -24,11 +25,10 @@ from cxr_core.lifecycle.registry import (
     TEST_SET_DIGEST_TAG,
     list_versions,
     log_keras_model,
-    save_keras_model,
 )
+from cxr_core.lifecycle.serving import write_model_folder
 from cxr_core.lifecycle.tracking import log_trials, start_run
 from cxr_core.training.search import TrialResult
-from support.images import write_image
 
 pytestmark = pytest.mark.integration
 
@@ -175,8 +175,10 @@ def test_predict_by_champion_alias_skips_bad_files(server, client, registrar, mo
     _, version = registrar.candidate(model_name, registrar.predictions(registrar.hashes(0, 40)))
     promote(client, model_name, version)
     folder = tmp_path / "incoming"
-    for i in range(5):
-        write_image(folder / "sub" / f"img{i}.jpeg", i, size=40)
+    for i, level in enumerate((20, 70, 120, 170, 220)):  # five brightness levels: five scores
+        pixels = np.clip(level + np.random.default_rng(i).normal(0, 20, (40, 40)), 0, 255)
+        (folder / "sub").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels.astype(np.uint8)).save(folder / "sub" / f"img{i}.jpeg")
     (folder / "broken.jpeg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     (folder / "notes.txt").write_text("not an image")
     (folder / ".DS_Store").write_bytes(b"x")
@@ -200,11 +202,18 @@ def test_predict_by_champion_alias_skips_bad_files(server, client, registrar, mo
     local = mlflow.artifacts.download_artifacts(
         artifact_uri=model_artifact_uri(client, uri), dst_path=str(tmp_path / "pyfunc"),
         tracking_uri=server.url)
-    pyfunc = mlflow.pyfunc.load_model(local)
-    good = preds["path"].tolist()
-    out = np.asarray(pyfunc.predict(load_images(good, image_size)), np.float64).ravel()
+    pyfunc = mlflow.pyfunc.load_model(local)  # the image pyfunc (lifecycle.serving)
+    served = pyfunc.predict(pd.DataFrame({"path": preds["path"].tolist()}))
+    out = served["probability"].to_numpy(np.float64)
     assert np.ptp(out) > 0.05  # the model's outputs differ across files: a real comparison
     np.testing.assert_allclose(out, preds["probability"].to_numpy(), atol=1e-5)
+    # The keras flavor still takes pixel tensors, decoded as training decodes them.
+    import mlflow.keras
+
+    net = mlflow.keras.load_model(local)
+    pixels = load_images(preds["path"].tolist(), image_size)
+    np.testing.assert_allclose(np.asarray(net.predict(pixels, verbose=0), np.float64).ravel(),
+                               preds["probability"].to_numpy(), atol=1e-5)
 
 
 def test_load_mlflow3_logged_model_by_alias_version_and_id(server, client, exp_id, model_dir,
@@ -218,7 +227,7 @@ def test_load_mlflow3_logged_model_by_alias_version_and_id(server, client, exp_i
 
     run_id = start_run(client, exp_id, "final-training")
     logged = client.create_logged_model(exp_id, name="model", source_run_id=run_id)
-    local = save_keras_model(model_dir, tmp_path / "model", image_size)
+    local = write_model_folder(model_dir, tmp_path / "model")
     client.log_model_artifacts(logged.model_id, str(local))
     client.finalize_logged_model(logged.model_id, "READY")
     client.create_registered_model(model_name)
