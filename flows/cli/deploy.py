@@ -27,10 +27,13 @@ def deploy_cmd(
     gpu_pool_type: Annotated[str, typer.Option(
         help="Type used if the gpu pool must be created: 'process' here, 'kubernetes' in "
         "production with infra/k8s/gpu-work-pool.json.")] = "process",
+    prefect_yaml: Annotated[Path | None, typer.Option(
+        "--prefect-yaml", help="Deployment definitions (default: ./prefect.yaml, else the "
+        "repository's).")] = None,
 ) -> None:
-    """Create the work pools (if missing) and the deployments: retrain (weekly on --data-dir
-    by default), promote, batch-predict and tune-worker. Needs a Prefect server (cxr stack
-    up, or CXR_PREFECT_API_URL)."""
+    """Create the work pools (if missing) and prefect.yaml's deployments: retrain/scheduled
+    (weekly on --data-dir by default), promote/promote, batch-predict/batch-predict and
+    tune-worker/gpu. Needs a Prefect server (cxr stack up, or CXR_PREFECT_API_URL)."""
     import os
 
     from cxr_core.settings import get_settings
@@ -39,7 +42,7 @@ def deploy_cmd(
     # The folder is the worker's view (e.g. /data in a container): not checked here.
     specs = deployment_specs(None if no_schedule else cron,
                              str(data_dir.resolve()) if data_dir else None, profile,
-                             cpu_pool, gpu_pool)
+                             cpu_pool, gpu_pool, prefect_yaml)
     settings = get_settings()
     api = os.environ.get("PREFECT_API_URL") or settings.prefect_api_url
     if not api:
@@ -54,8 +57,8 @@ def deploy_cmd(
             raise
         fail(f"the Prefect server at {api} did not answer: {exc}", EXIT_BAD_INPUT)
     for spec in specs:
-        flow_name = spec.entrypoint.split(":")[1].removesuffix("_flow").replace("_", "-")
-        typer.echo(f"deployed {flow_name}/{spec.name} on pool {spec.pool}"
-                   + (f", cron '{spec.cron}'" if spec.cron else ""))
+        typer.echo(f"deployed {spec.full_name} on pool {spec.pool}"
+                   + (f", cron '{spec.cron}'" if spec.cron else "")
+                   + (f", concurrency {spec.concurrency_limit}" if spec.concurrency_limit else ""))
     typer.echo(f"start workers: prefect worker start --pool {cpu_pool}  (and --pool {gpu_pool} "
                "on GPU machines)")
