@@ -509,3 +509,27 @@ def test_production_doc_mentions_the_commands():
                  "--base-job-template infra/k8s/gpu-work-pool.json",
                  "deploy --all", "/#/experiments/", "KERASTUNER_TUNER_ID"):
         assert text in doc, text
+
+
+# ----------------------------------------------------------------------------- issue 14 details
+def test_dependency_layer_does_not_depend_on_the_readme():
+    for name in ("trainer.Dockerfile", "trainer-gpu.Dockerfile"):
+        steps = instructions(dockerfile(name))
+        first_install = next(i for i, (op, args) in enumerate(steps)
+                             if op == "RUN" and "pip install" in args)
+        copied = " ".join(a for op, a in steps[:first_install] if op == "COPY")
+        assert "pyproject.toml" in copied and "README" not in copied, name
+
+
+def test_gpu_image_states_the_driver_it_needs():
+    text = dockerfile("trainer-gpu.Dockerfile")
+    assert "NVIDIA_REQUIRE_CUDA" in text and re.search(r"driver >= \d+", text)
+
+
+def test_s3_endpoint_is_settable_and_the_oracle_is_reachable(compose):
+    mlflow_env = compose["services"]["mlflow"]["environment"]
+    worker_env = compose["services"]["worker-cpu"]["environment"]
+    assert "${S3_ENDPOINT_URL:-" in COMPOSE_FILE.read_text() and mlflow_env["MLFLOW_S3_ENDPOINT_URL"]
+    # GPU workers on other hosts dial the chief by name; it binds that interface, not 0.0.0.0.
+    assert worker_env["CXR_TUNER_ORACLE_HOST"] == "worker-cpu"
+    assert worker_env["CXR_TUNER_ORACLE_BIND_HOST"] == "worker-cpu"
