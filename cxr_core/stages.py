@@ -148,29 +148,11 @@ def evaluate_stage(run_dir: Path, cfg: ExperimentConfig, manifest_path: Path,
                                with_figures=with_figures)
 
 
-def compare_stage(client: Any, model_name: str,
-                  candidate_predictions: Path) -> tuple[Any | None, str | None]:
-    """(ChampionComparison or None, champion version or None): the candidate against the
-    champion on the test images both were tested on (see
-    :func:`cxr_core.lifecycle.promotion.champion_comparison`), ready for :func:`gate_stage`."""
-    from cxr_core.lifecycle.promotion import champion_comparison
-
-    comparison = champion_comparison(client, model_name, Path(candidate_predictions))
-    return comparison, comparison.champion_version if comparison else None
-
-
-def champion_comparisons(client: Any, model_name: str, manifest_path: Path, image_size: int,
-                         candidate_predictions: Path) -> tuple[Any | None, str | None]:
-    """The call flows/tasks.py makes: :func:`compare_stage`. ``manifest_path`` and
-    ``image_size`` are unused (the champion is no longer re-scored on this run's split); kept
-    until that caller moves to compare_stage."""
-    return compare_stage(client, model_name, candidate_predictions)
-
-
 def gate_stage(evaluated: EvaluatedModel, cfg: ExperimentConfig,
                comparisons: Any | None, champion_version: str | None) -> Any:
-    """The GateDecision for this candidate (pure). ``comparisons``: what :func:`compare_stage`
-    returned (a ChampionComparison, or None without a champion)."""
+    """The GateDecision for this candidate (pure). ``comparisons``: the candidate against the
+    champion (:func:`cxr_core.lifecycle.promotion.champion_comparison`: a ChampionComparison,
+    or None without a champion)."""
     from cxr_core.evaluation.gates import decide, thresholds_from_config
 
     return decide(evaluated.evaluation.metrics, thresholds_from_config(cfg.gates), comparisons,

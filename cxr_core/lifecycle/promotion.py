@@ -86,6 +86,15 @@ def champion_comparison(client: Any, model_name: str, candidate_predictions: Pat
     return compare_on_shared(joined, version, min_shared)
 
 
+def champion_comparisons(client: Any, model_name: str, manifest_path: Path, image_size: int,
+                         candidate_predictions: Path) -> tuple[ChampionComparison | None, str | None]:
+    """The call flows/tasks.py makes: (:func:`champion_comparison`, champion version).
+    ``manifest_path`` and ``image_size`` are unused (the champion is no longer re-scored on
+    this run's split); kept until that caller calls :func:`champion_comparison` itself."""
+    comparison = champion_comparison(client, model_name, candidate_predictions)
+    return comparison, comparison.champion_version if comparison else None
+
+
 def compare_with_champion(client: Any, candidate: Any, champion: Any, alpha: float,
                           min_shared: int = MIN_SHARED_TEST_IMAGES) -> dict[str, Any]:
     """Paired comparison of two registered versions on the test images both were scored on

@@ -11,7 +11,7 @@ import pytest
 from cxr_core import stages
 from cxr_core.evaluation.gates import GateThresholds, PairedComparison, decide
 from cxr_core.evaluation.metrics import Interval
-from cxr_core.lifecycle.promotion import promote
+from cxr_core.lifecycle.promotion import champion_comparison, champion_comparisons, promote
 from cxr_core.lifecycle.registry import TEST_PREDICTIONS_TAG
 
 pytestmark = pytest.mark.integration
@@ -37,22 +37,22 @@ def test_partly_overlapping_test_sets_are_compared_on_the_shared_images(
     predictions = tmp_path / "test_predictions.csv"
     registrar.predictions(registrar.hashes(40, 120), cand_ok).to_csv(predictions, index=False)
 
-    comparison, version = stages.compare_stage(client, model_name, predictions)
-    assert version == champion and comparison.champion_version == champion
+    comparison = champion_comparison(client, model_name, predictions)
+    assert comparison.champion_version == champion
     assert comparison.shared_images == 40 and comparison.skipped is None
     # On the 40 shared images the champion is wrong on 10 and the candidate on none.
     everything = comparison.comparisons[0]
     assert everything == PairedComparison("all", 40, 0, 10, everything.p_value)
     assert comparison.comparisons[1].subset == "positives" and comparison.comparisons[1].n == 20
     assert comparison.comparisons[1].candidate_only == 5
-    decision = decide(METRICS, GateThresholds(), comparison, version)
+    decision = decide(METRICS, GateThresholds(), comparison)
     assert decision.passed and decision.shared_test_images == 40
     assert f"compared with champion version {champion} on 40 shared test images" in \
         decision.summary()
     assert "McNemar on 40 all images" in decision.summary()
     # The flow's current call (flows/tasks.py) goes the same way.
-    assert stages.champion_comparisons(client, model_name, tmp_path / "manifest.parquet", 16,
-                                       predictions) == (comparison, version)
+    assert champion_comparisons(client, model_name, tmp_path / "manifest.parquet", 16,
+                                predictions) == (comparison, champion)
 
 
 def test_too_few_shared_images_skip_the_comparison_with_a_note(client, registrar, model_name,
@@ -66,11 +66,11 @@ def test_too_few_shared_images_skip_the_comparison_with_a_note(client, registrar
     predictions = tmp_path / "test_predictions.csv"
     registrar.predictions(registrar.hashes(70, 150), cand_ok).to_csv(predictions, index=False)
 
-    comparison, version = stages.compare_stage(client, model_name, predictions)
+    comparison = champion_comparison(client, model_name, predictions)
     assert comparison.shared_images == 10 and comparison.comparisons == ()
     note = f"comparison with champion version {champion} skipped: 10 shared test images < 30"
     assert comparison.skipped == note
-    decision = stages.gate_stage(_Evaluated(), _config(), comparison, version)
+    decision = stages.gate_stage(_Evaluated(), _config(), comparison, None)
     assert decision.passed and decision.champion_version == champion
     assert decision.notes == (note,) and decision.shared_test_images == 10
     assert not [c for c in decision.checks if c.name.startswith("no_")]
@@ -85,7 +85,7 @@ def test_champion_without_recorded_predictions_is_not_compared(client, registrar
     client.set_model_version_tag(model_name, champion, TEST_PREDICTIONS_TAG, "evaluation/gone.csv")
     predictions = tmp_path / "test_predictions.csv"
     registrar.predictions(registrar.hashes(0, 40)).to_csv(predictions, index=False)
-    comparison, _ = stages.compare_stage(client, model_name, predictions)
+    comparison = champion_comparison(client, model_name, predictions)
     assert comparison.shared_images == 0
     assert comparison.skipped == (f"comparison with champion version {champion} skipped: it has "
                                   "no recorded test predictions")
@@ -96,7 +96,9 @@ def test_no_champion_no_comparison(client, registrar, model_name, tmp_path) -> N
                         with_model=False)  # a challenger, never promoted
     predictions = tmp_path / "test_predictions.csv"
     registrar.predictions(registrar.hashes(0, 40)).to_csv(predictions, index=False)
-    assert stages.compare_stage(client, model_name, predictions) == (None, None)
+    assert champion_comparison(client, model_name, predictions) is None
+    assert champion_comparisons(client, model_name, tmp_path / "m.parquet", 16,
+                                predictions) == (None, None)
 
 
 class _Evaluated:
