@@ -333,6 +333,16 @@ def collect_finished(work_dir: Path, cfg: ExperimentConfig) -> list[TrialResult]
     """Every trial of a finished search, read back from its directory (no role)."""
     saved = {k: os.environ.pop(k) for k in ROLE_ENV if k in os.environ}
     try:
-        return collect_trials(tuner_for(cfg, work_dir))
+        return collect_trials(finished_tuner(cfg, work_dir))
     finally:
         os.environ.update(saved)
+
+
+def finished_tuner(cfg: ExperimentConfig, work_dir: Path) -> kt.Tuner:
+    """The tuner of a finished (possibly distributed) search, with the oracle's trials. Keras
+    Tuner reloads the oracle only together with ``tuner0.json``, which is missing when
+    worker tuner0 never ran (late, killed): then the chief's oracle.json is read directly."""
+    tuner = tuner_for(cfg, work_dir)
+    if not tuner.oracle.trials and (Path(tuner.project_dir) / "oracle.json").is_file():
+        tuner.oracle.reload()
+    return tuner
