@@ -66,7 +66,9 @@ def test_stack_runs_a_worker_and_shows_the_next_scheduled_run(stack_env, tmp_pat
     assert "worker-cpu" in state["services"]
     status = _cxr(["stack", "status"], env)
     assert status.returncode == 0, status.stdout + status.stderr
-    assert "pool cpu" in status.stdout and "ONLINE" in status.stdout.split("pool cpu")[1]
+    pools = {line.split()[1]: line for line in status.stdout.splitlines()
+             if line.startswith("pool ")}
+    assert "(ONLINE)" in pools["cpu"] and "NO WORKER" in pools["gpu"], status.stdout
     assert "next scheduled run: retrain/scheduled at " in status.stdout, status.stdout
 
 
