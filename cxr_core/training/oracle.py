@@ -73,9 +73,13 @@ def serve_oracle(oracle: Any, expected: list[str], gone_dir: Path, join_timeout_
     server.start()
     log.info("oracle serving at %s for workers %s", address, ", ".join(expected) or "(any)")
     start, dropped, gave_up = time.monotonic(), set(), False
+    parent = os.getppid()
     try:
         while True:
             time.sleep(poll_s)
+            if os.getppid() != parent:  # whoever started the chief is gone: nobody reads it
+                log.warning("the chief's parent process exited: stopping the oracle")
+                return
             gone = {p.name for p in gone_dir.glob("*")} if gone_dir.is_dir() else set()
             for tuner_id in gone - dropped:
                 _drop_worker(oracle, tuner_id)
