@@ -34,10 +34,26 @@ class Settings(BaseSettings):
     # Salt of the pseudonymous patient ids taken from DICOM PatientID (HMAC-SHA256). Unset:
     # a random salt is created under <home>/secrets/ on first use. Never in the repository.
     pseudonym_salt: SecretStr | None = None
-    # Distributed tuning: the address tuner workers reach the chief's oracle at (this
-    # machine's address on the workers' network) and the deployment that runs a worker.
-    tuner_oracle_host: str = "127.0.0.1"
+    # Distributed tuning. Two addresses: the one tuner workers dial to reach the chief's
+    # oracle (this machine's name/address on the workers' network, e.g. worker-cpu in compose)
+    # and the one the chief binds (default: that same address, so the port is reachable on
+    # that interface only, never on every interface unless asked for with 0.0.0.0).
+    tuner_oracle_host: str = Field(default="127.0.0.1",
+                                   description="Address workers dial to reach the oracle.")
+    tuner_oracle_bind_host: str | None = Field(
+        default=None, description="Address the chief binds; default: tuner_oracle_host.")
     tuner_worker_deployment: str = "tune-worker/gpu"
+    # Bounded waits of a distributed search: a worker run that no worker picks up within
+    # start_timeout is cancelled (the search goes on without it); the chief waits join_timeout
+    # for workers that have not connected yet before finishing without them.
+    tuner_worker_start_timeout_s: float = 600.0
+    tuner_worker_join_timeout_s: float = 600.0
+    tuner_search_timeout_s: float = 24 * 3600.0
+
+    @property
+    def oracle_bind_host(self) -> str:
+        """The address the chief's oracle binds."""
+        return self.tuner_oracle_bind_host or self.tuner_oracle_host
 
     @model_validator(mode="after")
     def _absolute_home(self) -> Settings:

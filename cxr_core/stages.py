@@ -126,9 +126,9 @@ def tune_stage(run_dir: Path, cfg: ExperimentConfig, verbose: int = 0,
 
 def search_results(run_dir: Path, cfg: ExperimentConfig) -> tuple[list[Any], dict[str, Any]]:
     """Read a finished search (e.g. a distributed one) back from ``run_dir/tuner``."""
-    from cxr_core.training.search import best_hyperparameters, collect_trials, tuner_for
+    from cxr_core.training.search import best_hyperparameters, collect_trials, finished_tuner
 
-    tuner = tuner_for(cfg, run_dir)
+    tuner = finished_tuner(cfg, run_dir)
     best = best_hyperparameters(tuner)
     (Path(run_dir) / "best_hyperparameters.json").write_text(json.dumps(best, indent=2))
     return collect_trials(tuner), best

@@ -16,10 +16,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PREFECT_SERVER_ANALYTICS_ENABLED=false
 
 # Same pins as the project: prefect 3.9 does not install here; prefect 3.8 breaks with
-# fastapi 0.151+ (422 on every /filter endpoint, then import errors). asyncpg is the driver
+# fastapi 0.151+ (422 on every /filter endpoint, then import errors); with SQLAlchemy 2.1 its
+# scheduler fails ("Can't evaluate bulk DML statement") and schedules never create runs. asyncpg is the driver
 # of PREFECT_API_DATABASE_CONNECTION_URL=postgresql+asyncpg://...
 RUN --mount=type=cache,target=/root/.cache/pip \
-    pip install "prefect>=3.8,<3.9" "fastapi>=0.139,<0.151" "asyncpg>=0.29"
+    pip install "prefect>=3.8,<3.9" "fastapi>=0.139,<0.151" "asyncpg>=0.29" \
+      "sqlalchemy>=2.0,<2.1"
 
 # The UI is rendered into PREFECT_UI_STATIC_DIRECTORY at start-up (with the API URL the
 # browser should use), so it must be writable by the unprivileged user.

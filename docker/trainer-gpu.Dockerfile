@@ -13,8 +13,17 @@
 # mismatched, copy of the same libraries (several GB) and would need Python 3.11 installed
 # on top of Ubuntu 22.04's 3.10. The host supplies only the NVIDIA driver, injected at run time
 # by the NVIDIA Container Toolkit (Docker) or the NVIDIA device plugin (Kubernetes).
+#
+# Host requirement: an NVIDIA driver for CUDA 12 (Linux driver >= 525.60.13; >= 550 recommended
+# for the CUDA 12.x wheels TensorFlow 2.21 pulls in), plus the NVIDIA Container Toolkit (Docker)
+# or the NVIDIA device plugin (Kubernetes). NVIDIA_REQUIRE_CUDA makes the toolkit refuse to
+# start the container on an older driver instead of failing inside TensorFlow.
 ARG PYTHON_IMAGE=python:3.11-slim
 FROM ${PYTHON_IMAGE}
+
+LABEL org.opencontainers.image.description="cxr GPU trainer (TensorFlow 2.21, CUDA 12 wheels)" \
+      com.nvidia.cuda.required="cuda>=12.0" \
+      com.nvidia.driver.min-version="525.60.13"
 
 # NVIDIA_*: what the nvidia/cuda images set (which GPUs and driver parts the toolkit mounts
 # in; the Kubernetes device plugin and `docker run --gpus` override the device list).
@@ -29,6 +38,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    NVIDIA_REQUIRE_CUDA="cuda>=12.0" \
     TF_FORCE_GPU_ALLOW_GROWTH=true
 
 RUN groupadd --system --gid 10001 cxr \
@@ -40,18 +50,20 @@ WORKDIR /opt/cxr
 
 # 1) Dependencies only (tensorflow[and-cuda] and its CUDA wheels), cached until
 #    pyproject.toml changes.
-COPY pyproject.toml README.md ./
+#    README.md is not copied here (pyproject's readme gets an empty stand-in), so editing the
+#    docs does not reinstall TensorFlow.
+COPY pyproject.toml ./
 RUN --mount=type=cache,target=/root/.cache/pip \
     mkdir -p cxr_core flows \
- && touch cxr_core/__init__.py flows/__init__.py \
+ && touch cxr_core/__init__.py flows/__init__.py README.md \
  && pip install ".[gpu]" \
  && pip uninstall -y cxr \
- && rm -rf cxr_core flows build ./*.egg-info
+ && rm -rf cxr_core flows build ./*.egg-info README.md
 
 # 2) The project itself.
 COPY cxr_core ./cxr_core
 COPY flows ./flows
-COPY prefect.yaml ./
+COPY prefect.yaml README.md ./
 RUN pip install --no-cache-dir --no-deps . \
  && rm -rf build ./*.egg-info \
  && cxr --help > /dev/null

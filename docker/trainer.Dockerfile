@@ -30,18 +30,20 @@ WORKDIR /opt/cxr
 
 # 1) Dependencies only, cached until pyproject.toml changes: empty stand-in packages let pip
 #    resolve and install the `cpu` extra (tensorflow-cpu) without the source tree.
-COPY pyproject.toml README.md ./
+#    README.md is not copied here (pyproject's readme gets an empty stand-in), so editing the
+#    docs does not reinstall TensorFlow.
+COPY pyproject.toml ./
 RUN --mount=type=cache,target=/root/.cache/pip \
     mkdir -p cxr_core flows \
- && touch cxr_core/__init__.py flows/__init__.py \
+ && touch cxr_core/__init__.py flows/__init__.py README.md \
  && pip install ".[cpu]" \
  && pip uninstall -y cxr \
- && rm -rf cxr_core flows build ./*.egg-info
+ && rm -rf cxr_core flows build ./*.egg-info README.md
 
 # 2) The project itself (no dependency changes possible here: --no-deps).
 COPY cxr_core ./cxr_core
 COPY flows ./flows
-COPY prefect.yaml ./
+COPY prefect.yaml README.md ./
 RUN pip install --no-cache-dir --no-deps . \
  && rm -rf build ./*.egg-info \
  && cxr --help > /dev/null

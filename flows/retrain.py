@@ -157,8 +157,8 @@ def _stages(settings: Settings, spec: RunSpec, cfg: Any, refs: Any, tuner_worker
     with _timed(timings, "tune"):
         if tuner_workers > 0:
             trials, best_hp = tasks.distributed_tune(
-                run_dir, cfg, tuner_workers, settings.tuner_worker_deployment,
-                settings.tuner_oracle_host, spec.profile, str(spec.config_path))
+                run_dir, cfg, tuner_workers, tasks.FanOut.from_settings(settings),
+                spec.profile, str(spec.config_path))
         else:
             trials, best_hp = tasks.tune(run_dir, cfg, live)
     logger.info("search: %d trials, best %s", len(trials), best_hp)

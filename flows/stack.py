@@ -72,8 +72,37 @@ def status(settings: Settings) -> list[tuple[Service, bool, bool]]:
     return out
 
 
+def _client_env(state: dict[str, Any]) -> dict[str, str]:
+    """What a process needs to use the stack (workers pass it on to their flow runs)."""
+    services = state["services"]
+    env = {"CXR_TRACKING_URI": services["mlflow"]["url"],
+           "CXR_PREFECT_API_URL": services["prefect"]["url"],
+           "PREFECT_API_URL": services["prefect"]["url"]}
+    if state.get("s3"):
+        env.update({"CXR_S3_ENDPOINT_URL": state["s3"]["endpoint_url"],
+                    "CXR_S3_BUCKET": state["s3"]["bucket"], **DEV_S3_KEYS})
+    return env
+
+
+def start_worker(settings: Settings, state: dict[str, Any], pool: str, limit: int) -> None:
+    """A process worker of ``pool`` (created if missing), recorded as service worker-<pool>.
+    Without one, scheduled runs fire into an empty pool."""
+    d = stack_dir(settings)
+    log = d / f"worker-{pool}.log"
+    port = free_port()
+    env = {**_client_env(state), "PREFECT_WORKER_WEBSERVER_PORT": str(port)}
+    proc = spawn_detached(f"worker-{pool}", [
+        sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process",
+        "--limit", str(limit), "--with-healthcheck"], log, env)
+    url = f"http://127.0.0.1:{port}"
+    state["services"][f"worker-{pool}"] = {"pid": proc.pid, "url": f"pool {pool}",
+                                           "health": f"{url}/health", "log": str(log)}
+    wait_healthy(f"{url}/health", proc, 120, log)
+
+
 def up(settings: Settings, with_s3: bool = False, mlflow_port: int = 5000,
-       prefect_port: int = 4200) -> dict[str, Any]:
+       prefect_port: int = 4200, gpu_worker: bool = False,
+       workers: bool = True) -> dict[str, Any]:
     """Start the services that are not already running; returns the state."""
     if any(alive for _, alive, _ in status(settings)):
         raise RuntimeError("the stack is already (partly) running: `cxr stack down` first")
@@ -114,6 +143,11 @@ def up(settings: Settings, with_s3: bool = False, mlflow_port: int = 5000,
         services["prefect"] = {"pid": proc.pid, "url": url, "health": f"{url}/health",
                                "log": str(log)}
         wait_healthy(f"{url}/health", proc, 120, log)
+        if workers:
+            start_worker(settings, state, "cpu", 2)
+        if gpu_worker:
+            # Two tuner workers at once, as `cxr run --tuner-workers 2` starts them.
+            start_worker(settings, state, "gpu", 2)
     except BaseException:
         for svc in services.values():
             stop_group(svc["pid"])
@@ -122,10 +156,42 @@ def up(settings: Settings, with_s3: bool = False, mlflow_port: int = 5000,
     return state
 
 
+def schedule_status(api_url: str) -> dict[str, Any]:
+    """Workers per work pool (name, status, last heartbeat) and the next scheduled flow run,
+    from the Prefect API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    os.environ["PREFECT_API_URL"] = api_url
+    with get_client(sync_client=True) as client:
+        pools = {p.name: [(w.name, str(w.status.value if w.status else "?"), w.last_heartbeat_time)
+                          for w in client.read_workers_for_work_pool(p.name)]
+                 for p in client.read_work_pools()}
+        runs = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
+                type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))),
+            sort=FlowRunSort.EXPECTED_START_TIME_ASC, limit=1)
+        nxt = None
+        if runs:
+            dep = client.read_deployment(runs[0].deployment_id) if runs[0].deployment_id else None
+            flow = client.read_flow(runs[0].flow_id)
+            nxt = {"deployment": f"{flow.name}/{dep.name}" if dep else flow.name,
+                   "at": runs[0].expected_start_time}
+    return {"pools": pools, "next": nxt}
+
+
 def down(settings: Settings) -> list[str]:
     """Stop every recorded service (and its children); returns their names."""
     stopped = []
-    for name, svc in read_state(settings).get("services", {}).items():
+    # Workers first: they would otherwise log errors about the servers going away.
+    services = read_state(settings).get("services", {})
+    for name, svc in sorted(services.items(), key=lambda kv: not kv[0].startswith("worker")):
         stop_group(int(svc["pid"]))
         stopped.append(name)
         (stack_dir(settings) / f"{name}.pid").unlink(missing_ok=True)

@@ -6,10 +6,11 @@ errors (cxr_core.errors.is_transient); a rejected data set or gate is never retr
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from cxr_core import stages
@@ -85,8 +86,15 @@ def evaluate(run_dir: Path, cfg: ExperimentConfig, manifest_path: Path) -> stage
 @task(name="start-tracking", **IO_RETRIES)
 def start_tracking(tracking_uri: str, experiment: str, cfg: ExperimentConfig, run_dir: Path,
                    data_dir: Path, artifact_location: str | None) -> stages.TrackingRefs:
-    return stages.start_tracking(mlflow_client(tracking_uri), experiment, cfg, run_dir, data_dir,
-                                  artifact_location)
+    """The parent run, in ``experiment`` unless that one keeps artifacts in a local folder
+    while a tracking server is in use (then in one whose artifacts reach the server's store)."""
+    from cxr_core.lifecycle.artifact_root import experiment_for_tracking
+    from cxr_core.settings import get_settings
+
+    client = mlflow_client(tracking_uri)
+    label = "s3" if get_settings().s3_bucket else "server"
+    experiment = experiment_for_tracking(client, experiment, tracking_uri, label)
+    return stages.start_tracking(client, experiment, cfg, run_dir, data_dir, artifact_location)
 
 
 @task(name="compare-with-champion", **IO_RETRIES)
@@ -131,43 +139,104 @@ def upload_data_artifacts(run_dir: Path) -> list[str]:
                            settings.s3_prefix, run_dir)
 
 
-@task(name="run-tuner-worker", **COMPUTE)
-def run_tuner_worker(deployment: str, work_dir: Path, tuner_id: str, oracle_ip: str,
-                     oracle_port: int, profile: str, config: str | None) -> str:
-    """Start one tuner worker as a run of ``deployment`` (e.g. on the gpu pool) and wait."""
+@dataclass(frozen=True)
+class FanOut:
+    """Where and how long: the worker deployment, the oracle's addresses (workers dial
+    ``oracle_host``, the chief binds ``bind_host``) and the bounded waits."""
+
+    deployment: str
+    oracle_host: str
+    bind_host: str
+    start_timeout_s: float = 600.0
+    join_timeout_s: float = 600.0
+    search_timeout_s: float = 24 * 3600.0
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> FanOut:
+        return cls(settings.tuner_worker_deployment, settings.tuner_oracle_host,
+                   settings.oracle_bind_host, settings.tuner_worker_start_timeout_s,
+                   settings.tuner_worker_join_timeout_s, settings.tuner_search_timeout_s)
+
+
+@task(name="start-tuner-worker", **IO_RETRIES)
+def start_tuner_worker(deployment: str, work_dir: Path, tuner_id: str, oracle_ip: str,
+                       oracle_port: int, profile: str, config: str | None) -> Any:
+    """Create one worker run of ``deployment`` (e.g. on the gpu pool); returns at once."""
     from prefect.deployments import run_deployment
 
-    run = run_deployment(name=deployment, parameters={
+    return run_deployment(name=deployment, timeout=0, parameters={
         "work_dir": str(work_dir), "tuner_id": tuner_id, "oracle_ip": oracle_ip,
         "oracle_port": oracle_port, "profile": profile, "config": config})
-    if not run.state or not run.state.is_completed():
-        raise RuntimeError(f"tuner worker {tuner_id} ended {run.state.name if run.state else '?'}")
-    return tuner_id
 
 
-@task(name="distributed-tune", **COMPUTE)
-def distributed_tune(run_dir: Path, cfg: ExperimentConfig, n_workers: int, deployment: str,
-                     oracle_host: str, profile: str, config: str | None) -> tuple[list[Any], dict[str, Any]]:
-    """Keras Tuner's distributed mode: the chief (oracle) runs here as a subprocess, the
-    workers as flow runs of ``deployment``; then the finished search is read back."""
+def _start_chief(run_dir: Path, fan: FanOut, port: int, n_workers: int, profile: str,
+                 config: str | None, log: Any) -> Any:
     import subprocess
     import sys
 
-    from flows.servers import free_port, stop_group
-
-    port = free_port()
-    log = open(Path(run_dir) / "tuner-chief.log", "wb")  # noqa: SIM115
     cmd = [sys.executable, "-m", "flows.cli", "tune", "chief", "--work-dir", str(run_dir),
-           "--oracle-ip", "0.0.0.0" if oracle_host not in ("127.0.0.1", "localhost") else oracle_host,
-           "--oracle-port", str(port), "--profile", profile]
+           "--oracle-ip", fan.bind_host, "--oracle-port", str(port), "--profile", profile,
+           "--workers", str(n_workers), "--join-timeout", str(fan.join_timeout_s)]
     if config:
         cmd += ["--config", config]
-    chief = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _watch_workers(runs: dict[str, Any], run_dir: Path, chief: Any, fan: FanOut) -> None:
+    """Until the chief finishes: cancel worker runs no worker picked up within the start
+    timeout, and report every worker run that ended (gone) to the chief, which then stops
+    waiting for it. Bounded by the search timeout."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Cancelled
+
+    from cxr_core.training.search import mark_worker_gone
+
+    logger = get_run_logger()
+    started, gone = time.monotonic(), set()
+    with get_client(sync_client=True) as client:
+        while chief.poll() is None:
+            if time.monotonic() - started > fan.search_timeout_s:
+                raise TimeoutError(f"the distributed search ran over {fan.search_timeout_s:.0f} s")
+            for tuner_id, run_id in runs.items():
+                if tuner_id in gone:
+                    continue
+                state = client.read_flow_run(run_id).state
+                never_started = state is not None and state.type in (StateType.SCHEDULED,
+                                                                      StateType.PENDING)
+                if never_started and time.monotonic() - started > fan.start_timeout_s:
+                    logger.warning("no worker of %s picked up %s within %.0f s: cancelled, "
+                                   "the search goes on without it (is a worker polling that "
+                                   "pool?)", fan.deployment, tuner_id, fan.start_timeout_s)
+                    client.set_flow_run_state(run_id, Cancelled(), force=True)
+                elif not (state and state.is_final()):
+                    continue
+                elif not state.is_completed():
+                    logger.warning("tuner worker %s ended %s", tuner_id, state.name)
+                mark_worker_gone(run_dir, tuner_id)
+                gone.add(tuner_id)
+            time.sleep(2)
+
+
+@task(name="distributed-tune", **COMPUTE)
+def distributed_tune(run_dir: Path, cfg: ExperimentConfig, n_workers: int, fan: FanOut,
+                     profile: str, config: str | None) -> tuple[list[Any], dict[str, Any]]:
+    """Keras Tuner's distributed mode: the chief (oracle) runs here as a subprocess, the
+    workers as flow runs of ``fan.deployment``; then the finished search is read back. Every
+    wait is bounded: workers that start late are told to stop, workers that never start are
+    cancelled, a worker that dies hands its trial to another."""
+    from flows.servers import free_port, stop_group
+
+    port = free_port(fan.bind_host if fan.bind_host != "0.0.0.0" else "127.0.0.1")
+    log = open(Path(run_dir) / "tuner-chief.log", "wb")  # noqa: SIM115
+    chief = _start_chief(run_dir, fan, port, n_workers, profile, config, log)
     try:
-        futures = run_tuner_worker.map(deployment, run_dir, [f"tuner{i}" for i in range(n_workers)],
-                                       oracle_host, port, profile, config)
-        futures.result()
-        chief.wait(timeout=600)
+        runs = {tid: start_tuner_worker(fan.deployment, run_dir, tid, fan.oracle_host, port,
+                                        profile, config).id
+                for tid in (f"tuner{i}" for i in range(n_workers))}
+        _watch_workers(runs, run_dir, chief, fan)
     finally:
         if chief.poll() is None:
             stop_group(chief.pid)

@@ -27,6 +27,7 @@ from cxr_core.training.callbacks import (
     progress_callback,
     shifted_validation,
 )
+from cxr_core.training.oracle import DONE_FILE, serve_oracle, wait_for_oracle
 
 ROLE_ENV = ("KERASTUNER_TUNER_ID", "KERASTUNER_ORACLE_IP", "KERASTUNER_ORACLE_PORT")
 
@@ -282,14 +283,31 @@ def wait_for_manifest(work_dir: Path, timeout_s: float = 600.0, poll_s: float = 
     return out
 
 
+GONE_DIR = "workers-gone"  # under work_dir/tuner: one empty file per worker that is gone
+
+
+def mark_worker_gone(work_dir: Path, tuner_id: str) -> None:
+    """Tell the chief that ``tuner_id`` will not (or no longer) run trials: a run that never
+    started or that died. Its ongoing trial is handed to another worker."""
+    d = Path(work_dir) / "tuner" / GONE_DIR
+    d.mkdir(parents=True, exist_ok=True)
+    (d / tuner_id).touch()
+
+
 def tune_from_manifest(work_dir: Path, cfg: ExperimentConfig, chief: bool = False,
-                       verbose: int = 0) -> tuple[kt.Tuner, list[TrialResult]]:
+                       verbose: int = 0, expected_workers: list[str] | None = None,
+                       join_timeout_s: float = 600.0) -> tuple[kt.Tuner, list[TrialResult]]:
     """Tune over the prepared manifest in ``work_dir``. The chief of a distributed search
-    builds no datasets: it only serves the oracle."""
+    builds no datasets: it only serves the oracle, until every expected worker has been told
+    to stop or is gone (see :func:`serve_oracle`)."""
     if chief:
+
         check_distributed_env()
         tuner = tuner_for(cfg, work_dir)
-        tuner.search()  # serves the oracle until the workers are done
+        tuner.save()
+        serve_oracle(tuner.oracle, expected_workers or [], Path(work_dir) / "tuner" / GONE_DIR,
+                     join_timeout_s)
+        (Path(work_dir) / "tuner" / DONE_FILE).touch()
         return tuner, collect_trials(tuner)
     from cxr_core.data.inputs import configure_tensorflow
 
@@ -315,7 +333,30 @@ def run_worker(work_dir: Path, cfg: ExperimentConfig, tuner_id: str, oracle_ip: 
     (``tuner_id`` tells which ran here)."""
     if tuner_id == "chief":
         raise CxrError("a worker's tuner id must not be 'chief'")
+
     set_role(tuner_id, oracle_ip, oracle_port)
     wait_for_manifest(Path(work_dir), timeout_s=wait_s)
+    if not wait_for_oracle(oracle_ip, oracle_port, Path(work_dir), timeout_s=wait_s):
+        # A late worker: the search finished without it. Nothing to do, and no hang.
+        return collect_finished(Path(work_dir), cfg)
     _, trials = tune_from_manifest(Path(work_dir), cfg, chief=False)
     return trials
+
+
+def collect_finished(work_dir: Path, cfg: ExperimentConfig) -> list[TrialResult]:
+    """Every trial of a finished search, read back from its directory (no role)."""
+    saved = {k: os.environ.pop(k) for k in ROLE_ENV if k in os.environ}
+    try:
+        return collect_trials(finished_tuner(cfg, work_dir))
+    finally:
+        os.environ.update(saved)
+
+
+def finished_tuner(cfg: ExperimentConfig, work_dir: Path) -> kt.Tuner:
+    """The tuner of a finished (possibly distributed) search, with the oracle's trials. Keras
+    Tuner reloads the oracle only together with ``tuner0.json``, which is missing when
+    worker tuner0 never ran (late, killed): then the chief's oracle.json is read directly."""
+    tuner = tuner_for(cfg, work_dir)
+    if not tuner.oracle.trials and (Path(tuner.project_dir) / "oracle.json").is_file():
+        tuner.oracle.reload()
+    return tuner

@@ -31,10 +31,13 @@ def deploy_cmd(
         "--retrain-on-drift/--no-retrain-on-drift", help="Turn on the retrain-on-drift "
         "automation: a drifted prediction batch (cxr.drift.detected) runs the retrain "
         "deployment. It is created either way, off unless this is given.")] = False,
+    prefect_yaml: Annotated[Path | None, typer.Option(
+        "--prefect-yaml", help="Deployment definitions (default: ./prefect.yaml, else the "
+        "repository's).")] = None,
 ) -> None:
-    """Create the work pools (if missing) and the deployments: retrain (weekly on --data-dir
-    by default), promote, batch-predict and tune-worker. Needs a Prefect server (cxr stack
-    up, or CXR_PREFECT_API_URL)."""
+    """Create the work pools (if missing) and prefect.yaml's deployments: retrain/scheduled
+    (weekly on --data-dir by default), promote/promote, batch-predict/batch-predict and
+    tune-worker/gpu. Needs a Prefect server (cxr stack up, or CXR_PREFECT_API_URL)."""
     import os
 
     from cxr_core.settings import get_settings
@@ -43,7 +46,7 @@ def deploy_cmd(
     # The folder is the worker's view (e.g. /data in a container): not checked here.
     specs = deployment_specs(None if no_schedule else cron,
                              str(data_dir.resolve()) if data_dir else None, profile,
-                             cpu_pool, gpu_pool)
+                             cpu_pool, gpu_pool, prefect_yaml)
     settings = get_settings()
     api = os.environ.get("PREFECT_API_URL") or settings.prefect_api_url
     if not api:
@@ -55,16 +58,16 @@ def deploy_cmd(
         ensure_work_pool(cpu_pool, "process")
         ensure_work_pool(gpu_pool, gpu_pool_type)
         ids = deploy_all(specs)
-        retrain_id = next(i for spec, i in zip(specs, ids) if spec.entrypoint.startswith("flows/retrain"))
+        retrain_id = next(i for spec, i in zip(specs, ids) if spec.full_name.startswith("retrain/"))
         ensure_drift_automation(retrain_id, enabled=retrain_on_drift)
     except Exception as exc:
         if not is_transient(exc):
             raise
         fail(f"the Prefect server at {api} did not answer: {exc}", EXIT_BAD_INPUT)
     for spec in specs:
-        flow_name = spec.entrypoint.split(":")[1].removesuffix("_flow").replace("_", "-")
-        typer.echo(f"deployed {flow_name}/{spec.name} on pool {spec.pool}"
-                   + (f", cron '{spec.cron}'" if spec.cron else ""))
+        typer.echo(f"deployed {spec.full_name} on pool {spec.pool}"
+                   + (f", cron '{spec.cron}'" if spec.cron else "")
+                   + (f", concurrency {spec.concurrency_limit}" if spec.concurrency_limit else ""))
     typer.echo(f"automation {AUTOMATION_NAME}: {'on' if retrain_on_drift else 'off'} (runs "
                "retrain on cxr.drift.detected; --retrain-on-drift turns it on)")
     typer.echo(f"start workers: prefect worker start --pool {cpu_pool}  (and --pool {gpu_pool} "

@@ -19,15 +19,22 @@ def stack_up(
                                      "development; MLflow artifacts then go to S3.")] = False,
     mlflow_port: Annotated[int, typer.Option(help="MLflow server port.")] = 5000,
     prefect_port: Annotated[int, typer.Option(help="Prefect server port.")] = 4200,
+    gpu_worker: Annotated[bool, typer.Option(
+        "--gpu-worker", help="Also start a process worker of the `gpu` pool (tuner workers) "
+        "on this machine.")] = False,
+    no_workers: Annotated[bool, typer.Option(
+        "--no-workers", help="Start no `cpu` worker (scheduled runs then wait).")] = False,
 ) -> None:
-    """Start the servers (health-checked) with pid files and logs under <home>/stack; later
-    cxr commands use them automatically."""
+    """Start the servers (health-checked) and a process worker of the `cpu` pool (and of
+    `gpu` with --gpu-worker), with pid files and logs under <home>/stack; later cxr commands
+    use them automatically. Deploy with `cxr deploy`."""
     from cxr_core.settings import get_settings
     from flows import stack
 
     try:
         state = stack.up(get_settings(), with_s3=s3, mlflow_port=mlflow_port,
-                         prefect_port=prefect_port)
+                         prefect_port=prefect_port, gpu_worker=gpu_worker,
+                         workers=not no_workers)
     except (RuntimeError, TimeoutError) as exc:
         fail(str(exc), EXIT_BAD_INPUT)
     for name, svc in state["services"].items():
@@ -56,6 +63,18 @@ def stack_status() -> None:
         typer.echo("the stack is not running (cxr stack up)")
         raise typer.Exit(1)
     for svc, alive, healthy in rows:
-        typer.echo(f"{svc.name:8s} {svc.url:32s} pid {svc.pid:<7d} "
+        typer.echo(f"{svc.name:10s} {svc.url:32s} pid {svc.pid:<7d} "
                    f"{'running' if alive else 'DEAD':8s} {'healthy' if healthy else 'UNHEALTHY'}")
+    prefect = next((svc for svc, _, healthy in rows if svc.name == "prefect" and healthy), None)
+    if prefect is not None:
+        _print_schedule(stack.schedule_status(prefect.url))
     raise typer.Exit(0 if all(h for _, _, h in rows) else 1)
+
+
+def _print_schedule(info: dict) -> None:
+    for pool, workers in sorted(info["pools"].items()):
+        names = ", ".join(f"{n} ({s})" for n, s, _ in workers) or "NO WORKER"
+        typer.echo(f"pool {pool:8s} workers: {names}")
+    nxt = info["next"]
+    typer.echo(f"next scheduled run: {nxt['deployment']} at {nxt['at']:%Y-%m-%d %H:%M %Z}"
+               if nxt else "next scheduled run: none")

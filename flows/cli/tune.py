@@ -41,6 +41,11 @@ def tune_chief(
     oracle_port: OraclePortOpt = None,
     config: ConfigOpt = None,
     profile: ProfileOpt = None,
+    workers: Annotated[int, typer.Option(
+        "--workers", help="Workers expected (tuner0..tunerN-1): the chief waits for each to "
+        "connect, or to be reported gone, before it finishes.")] = 0,
+    join_timeout: Annotated[float, typer.Option(
+        help="Seconds to wait for expected workers that never connect.")] = 600.0,
 ) -> None:
     """Prepare the data once, then serve the search's oracle until every worker is done
     (Keras Tuner distributed mode). Prints the best trial."""
@@ -58,7 +63,9 @@ def tune_chief(
         prepare_stage(data_dir, cfg, work_dir)
     from cxr_core.training.search import tune_from_manifest
 
-    tuner, trials = tune_from_manifest(work_dir, cfg, chief=True)
+    tuner, trials = tune_from_manifest(work_dir, cfg, chief=True,
+                                       expected_workers=[f"tuner{i}" for i in range(workers)],
+                                       join_timeout_s=join_timeout)
     _print_trials(trials)
 
 

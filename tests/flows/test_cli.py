@@ -211,10 +211,20 @@ def test_a_scheduled_retrain_needs_a_data_folder(cli_env) -> None:
 
     with pytest.raises(InputError, match="data folder"):
         deployment_specs("0 3 * * 1", None, "full", "cpu", "gpu")
-    scheduled = deployment_specs("0 3 * * 1", "/data", None, "cpu", "gpu")[0]
+    specs = deployment_specs("0 3 * * 1", "/data", None, "cpu", "gpu")
+    scheduled = specs[0]
     assert scheduled.cron and scheduled.parameters == {"data_dir": "/data"}
-    on_demand = deployment_specs(None, None, None, "cpu", "gpu")[0]
-    assert (on_demand.name, on_demand.cron, on_demand.parameters) == ("default", None, {})
+    assert scheduled.concurrency_limit == 1  # the same limits as prefect deploy --all
+    # One name per deployment whatever the pools are called; the worker deployment is the
+    # one the settings look for.
+    from cxr_core.settings import Settings
+
+    renamed = deployment_specs(None, None, None, "cpu2", "gpu-a100")
+    assert [s.full_name for s in renamed] == [s.full_name for s in specs] == [
+        "retrain/scheduled", "promote/promote", "batch-predict/batch-predict", "tune-worker/gpu"]
+    assert Settings().tuner_worker_deployment == "tune-worker/gpu"
+    assert renamed[3].pool == "gpu-a100" and renamed[0].cron is None
+    assert all(":" in s.entrypoint and ".py" not in s.entrypoint for s in specs)  # no paths
     _expect_exit(["deploy"], {**cli_env, "CXR_PREFECT_API_URL": _dead_url() + "/api"}, 2,
                  "--data-dir")
 

@@ -40,10 +40,10 @@ BUILT_FROM = {
 }
 # deployment -> (entrypoint, work pool)
 DEPLOYMENTS = {
-    "retrain": ("flows/retrain.py:retrain_flow", "cpu"),
-    "promote": ("flows/promote.py:promote_flow", "cpu"),
-    "batch-predict": ("flows/batch_predict.py:batch_predict_flow", "cpu"),
-    "tune-worker": ("flows/tune_worker.py:tune_worker_flow", "gpu"),
+    "scheduled": ("flows.retrain:retrain_flow", "cpu"),
+    "promote": ("flows.promote:promote_flow", "cpu"),
+    "batch-predict": ("flows.batch_predict:batch_predict_flow", "cpu"),
+    "gpu": ("flows.tune_worker:tune_worker_flow", "gpu"),
 }
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|_KEY$|KEY_ID$|TOKEN|AUTH_STRING")
 # ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?err}, ${VAR?err}; $$ escapes a dollar
@@ -465,28 +465,30 @@ def test_prefect_yaml_deployments(prefect_yaml):
     for name, (entrypoint, pool) in DEPLOYMENTS.items():
         d = deployments[name]
         assert d["entrypoint"] == entrypoint
-        assert re.fullmatch(r"flows/\w+\.py:\w+", d["entrypoint"])
+        assert re.fullmatch(r"flows\.\w+:\w+", d["entrypoint"])  # installed module, no path
         assert d["work_pool"]["name"] == pool
-        path, func = d["entrypoint"].split(":")
+        module, func = d["entrypoint"].split(":")
+        path = module.replace(".", "/") + ".py"
         if (REPO / path).exists():  # the others land with their flows
             assert re.search(rf"^def {func}\(", (REPO / path).read_text(), re.M), d["entrypoint"]
     assert (REPO / "flows" / "retrain.py").is_file()
-    assert deployments["retrain"]["parameters"]["profile"] == "full"
-    assert "data_dir" in deployments["retrain"]["parameters"]
+    assert deployments["scheduled"]["parameters"]["profile"] == "full"
+    assert "data_dir" in deployments["scheduled"]["parameters"]
+    assert deployments["scheduled"]["concurrency_limit"] == 1
 
 
 def test_prefect_yaml_schedule_pull_and_gpu_variables(prefect_yaml):
     deployments = {d["name"]: d for d in prefect_yaml["deployments"]}
-    crons = [s["cron"] for s in deployments["retrain"].get("schedules", []) if "cron" in s]
+    crons = [s["cron"] for s in deployments["scheduled"].get("schedules", []) if "cron" in s]
     assert crons and all(len(c.split()) == 5 for c in crons)
-    for name in ("promote", "batch-predict", "tune-worker"):
+    for name in ("promote", "batch-predict", "gpu"):
         assert not deployments[name].get("schedules"), f"{name} runs on demand"
-    steps = prefect_yaml["pull"]
-    step = steps[0]["prefect.deployments.steps.set_working_directory"]
-    assert step["directory"] == "/opt/cxr"
-    for name in ("trainer.Dockerfile", "trainer-gpu.Dockerfile"):  # where the code is baked in
-        assert ("WORKDIR", step["directory"]) in instructions(dockerfile(name))
-    job_vars = deployments["tune-worker"]["work_pool"]["job_variables"]
+    # Nothing pulled: the worker imports the installed package, never a checkout path.
+    assert prefect_yaml["pull"] == []
+    for name in ("trainer.Dockerfile", "trainer-gpu.Dockerfile"):  # the package is installed
+        assert any(i == "RUN" and "pip install" in a and "--no-deps ." in a
+                   for i, a in instructions(dockerfile(name)))
+    job_vars = deployments["gpu"]["work_pool"]["job_variables"]
     assert job_vars["gpu_count"] == 1
     props = json.loads(K8S_TEMPLATE.read_text())["variables"]["properties"]
     assert set(job_vars) <= set(props), "job variables the template lacks are silently ignored"
@@ -496,7 +498,7 @@ def test_prefect_yaml_is_valid_for_prefect(prefect_yaml):
     models = pytest.importorskip("prefect.cli.deploy._models")
     parsed = models.PrefectYamlModel.model_validate(prefect_yaml)
     assert {d.name for d in parsed.deployments} == set(DEPLOYMENTS)
-    retrain = next(d for d in parsed.deployments if d.name == "retrain")
+    retrain = next(d for d in parsed.deployments if d.name == "scheduled")
     assert retrain.schedules and retrain.schedules[0].cron == "0 3 * * 1"
 
 
@@ -510,9 +512,33 @@ def test_production_doc_mentions_the_commands():
 
 
 def test_retrain_has_a_drift_trigger_off_by_default(prefect_yaml):
-    retrain = next(d for d in prefect_yaml["deployments"] if d["name"] == "retrain")
+    retrain = next(d for d in prefect_yaml["deployments"] if d["entrypoint"].startswith("flows.retrain:"))
     (trigger,) = retrain["triggers"]
     assert trigger["expect"] == ["cxr.drift.detected"] and trigger["enabled"] is False
     models = pytest.importorskip("prefect.cli.deploy._models")
     parsed = models.PrefectYamlModel.model_validate(prefect_yaml)
-    assert next(d for d in parsed.deployments if d.name == "retrain").triggers
+    assert next(d for d in parsed.deployments if d.name == retrain["name"]).triggers
+
+
+# ----------------------------------------------------------------------------- issue 14 details
+def test_dependency_layer_does_not_depend_on_the_readme():
+    for name in ("trainer.Dockerfile", "trainer-gpu.Dockerfile"):
+        steps = instructions(dockerfile(name))
+        first_install = next(i for i, (op, args) in enumerate(steps)
+                             if op == "RUN" and "pip install" in args)
+        copied = " ".join(a for op, a in steps[:first_install] if op == "COPY")
+        assert "pyproject.toml" in copied and "README" not in copied, name
+
+
+def test_gpu_image_states_the_driver_it_needs():
+    text = dockerfile("trainer-gpu.Dockerfile")
+    assert "NVIDIA_REQUIRE_CUDA" in text and re.search(r"driver >= \d+", text)
+
+
+def test_s3_endpoint_is_settable_and_the_oracle_is_reachable(compose):
+    mlflow_env = compose["services"]["mlflow"]["environment"]
+    worker_env = compose["services"]["worker-cpu"]["environment"]
+    assert "${S3_ENDPOINT_URL:-" in COMPOSE_FILE.read_text() and mlflow_env["MLFLOW_S3_ENDPOINT_URL"]
+    # GPU workers on other hosts dial the chief by name; it binds that interface, not 0.0.0.0.
+    assert worker_env["CXR_TUNER_ORACLE_HOST"] == "worker-cpu"
+    assert worker_env["CXR_TUNER_ORACLE_BIND_HOST"] == "worker-cpu"
