@@ -237,3 +237,28 @@ def test_prefect_yaml_schedules_only_with_a_data_folder() -> None:
     assert scheduled
     for d in scheduled:
         assert (d.get("parameters") or {}).get("data_dir"), d["name"]
+
+
+def test_prefect_run_logs_drop_tracebacks_of_expected_errors_only() -> None:
+    """Prefect logs a failed task or flow run with its traceback; the command line keeps the
+    message for expected errors (the command prints them once) and the traceback for bugs."""
+    import logging
+    import sys
+
+    from cxr_core.errors import DataValidationError
+    from flows.cli.common import RUN_LOGGERS, quiet_expected_tracebacks
+
+    quiet_expected_tracebacks()
+    quiet_expected_tracebacks()  # idempotent
+    for name in RUN_LOGGERS:
+        logger = logging.getLogger(name)
+        assert len(logger.filters) == len(set(map(id, logger.filters)))
+        for exc, kept in ((DataValidationError("3 unreadable files"), False), (KeyError("bug"), True)):
+            try:
+                raise exc
+            except Exception:
+                record = logger.makeRecord(name, logging.ERROR, __file__, 1, "failed: %r", (exc,),
+                                           sys.exc_info())
+            assert logger.filter(record)
+            assert (record.exc_info is not None) is kept
+            assert repr(exc) in record.getMessage()
