@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -319,11 +321,23 @@ def tune_from_manifest(work_dir: Path, cfg: ExperimentConfig, chief: bool = Fals
                 verbose=verbose)
 
 
-def set_role(tuner_id: str, oracle_ip: str, oracle_port: int) -> None:
-    """Make this process ``tuner_id`` (``chief``, ``tuner0``, ...) of a distributed search:
-    Keras Tuner reads its role from the environment."""
+@contextmanager
+def role(tuner_id: str, oracle_ip: str, oracle_port: int) -> Iterator[None]:
+    """Make this process ``tuner_id`` (``chief``, ``tuner0``, ...) of a distributed search
+    for the ``with`` block: Keras Tuner reads its role from the environment. The previous
+    values come back afterwards, so a later search in the same process (a test, a flow run
+    in-process) is not silently turned into a worker of a chief that is gone."""
+    saved = {k: os.environ.get(k) for k in ROLE_ENV}
     os.environ.update({"KERASTUNER_TUNER_ID": tuner_id, "KERASTUNER_ORACLE_IP": oracle_ip,
                        "KERASTUNER_ORACLE_PORT": str(oracle_port)})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def run_worker(work_dir: Path, cfg: ExperimentConfig, tuner_id: str, oracle_ip: str,
@@ -334,12 +348,12 @@ def run_worker(work_dir: Path, cfg: ExperimentConfig, tuner_id: str, oracle_ip: 
     if tuner_id == "chief":
         raise CxrError("a worker's tuner id must not be 'chief'")
 
-    set_role(tuner_id, oracle_ip, oracle_port)
-    wait_for_manifest(Path(work_dir), timeout_s=wait_s)
-    if not wait_for_oracle(oracle_ip, oracle_port, Path(work_dir), timeout_s=wait_s):
-        # A late worker: the search finished without it. Nothing to do, and no hang.
-        return collect_finished(Path(work_dir), cfg)
-    _, trials = tune_from_manifest(Path(work_dir), cfg, chief=False)
+    with role(tuner_id, oracle_ip, oracle_port):
+        wait_for_manifest(Path(work_dir), timeout_s=wait_s)
+        if not wait_for_oracle(oracle_ip, oracle_port, Path(work_dir), timeout_s=wait_s):
+            # A late worker: the search finished without it. Nothing to do, and no hang.
+            return collect_finished(Path(work_dir), cfg)
+        _, trials = tune_from_manifest(Path(work_dir), cfg, chief=False)
     return trials
 
 

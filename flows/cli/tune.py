@@ -51,19 +51,17 @@ def tune_chief(
     (Keras Tuner distributed mode). Prints the best trial."""
     from cxr_core.data.balance import PREPARED_MANIFEST
     from cxr_core.stages import prepare_stage
-    from cxr_core.training.search import set_role
+    from cxr_core.training.search import role, tune_from_manifest
 
     cfg = load_cfg(config, profile)
     oracle = _oracle(oracle_ip, oracle_port)
     prepared = (work_dir / PREPARED_MANIFEST).is_file()
     if not prepared and data_dir is None:
         fail(f"{work_dir / PREPARED_MANIFEST} does not exist: give --data-dir", EXIT_BAD_INPUT)
-    set_role("chief", *oracle)
-    if not prepared:
-        prepare_stage(data_dir, cfg, work_dir)
-    from cxr_core.training.search import tune_from_manifest
-
-    tuner, trials = tune_from_manifest(work_dir, cfg, chief=True,
+    with role("chief", *oracle):
+        if not prepared:
+            prepare_stage(data_dir, cfg, work_dir)
+        _, trials = tune_from_manifest(work_dir, cfg, chief=True,
                                        expected_workers=[f"tuner{i}" for i in range(workers)],
                                        join_timeout_s=join_timeout)
     _print_trials(trials)

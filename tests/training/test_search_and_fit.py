@@ -152,3 +152,19 @@ def test_distributed_search_chief_and_two_workers(tiny_data: Path, tmp_path: Pat
     assert len(ran_by) == 4
     assert ran_by.count("tuner0") >= 1 and ran_by.count("tuner1") >= 1, ran_by
     assert "4 trial(s), 4 scored" in out["chief"]
+
+
+def test_a_role_is_given_back_after_its_block(monkeypatch) -> None:
+    """A worker's role must not outlive it: a later search in the same process would
+    otherwise dial a chief that is gone and wait for ever (seen in the suite)."""
+    from cxr_core.training.search import ROLE_ENV, distributed_role, role
+
+    for key in ROLE_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("KERASTUNER_ORACLE_PORT", "1234")
+    with pytest.raises(RuntimeError), role("tuner0", "10.0.0.1", 9999):
+        assert distributed_role() == "tuner0"
+        raise RuntimeError("the worker failed")
+    assert distributed_role() is None
+    assert os.environ["KERASTUNER_ORACLE_PORT"] == "1234"
+    assert "KERASTUNER_ORACLE_IP" not in os.environ
