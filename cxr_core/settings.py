@@ -6,6 +6,9 @@ things run and are stored. Building it does no work: no directory is created, no
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 from pydantic import Field, SecretStr, model_validator
@@ -92,3 +95,19 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """Read settings from the environment (a fresh object each call, nothing cached)."""
     return Settings()
+
+
+@contextmanager
+def temporary_env(values: Mapping[str, str]) -> Iterator[None]:
+    """Set environment variables for a ``with`` block and give the previous values back
+    afterwards (libraries such as Keras Tuner read their role from the environment)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

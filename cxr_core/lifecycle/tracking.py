@@ -23,6 +23,7 @@ from cxr_core.data.manifest import read_manifest
 from cxr_core.lifecycle.client import make_client  # noqa: F401 - re-exported for callers
 from cxr_core.lifecycle.model_card import MODEL_CARD_ARTIFACT, render_model_card, split_provenance
 from cxr_core.lifecycle.registry import SUMMARY_ARTIFACT, log_keras_model
+from cxr_core.settings import temporary_env
 
 PARENT_RUN_ID_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"
@@ -186,16 +187,8 @@ def tracking_env(live: LiveTracking | None) -> Iterator[None]:
     if live is None:
         yield
         return
-    saved = {k: os.environ.get(k) for k in live.env()}
-    os.environ.update(live.env())
-    try:
+    with temporary_env(live.env()):
         yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def start_system_metrics(run_id: str, tracking_uri: str) -> Any | None:

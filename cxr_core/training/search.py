@@ -23,6 +23,7 @@ from cxr_core.data.balance import PREPARED_MANIFEST, BalancedTrainSet, class_wei
 from cxr_core.data.inputs import Datasets, make_datasets
 from cxr_core.data.manifest import read_manifest
 from cxr_core.errors import ConfigError, CxrError
+from cxr_core.settings import temporary_env
 from cxr_core.training.callbacks import (
     mlflow_epoch_logger,
     monitor_mode,
@@ -327,17 +328,9 @@ def role(tuner_id: str, oracle_ip: str, oracle_port: int) -> Iterator[None]:
     for the ``with`` block: Keras Tuner reads its role from the environment. The previous
     values come back afterwards, so a later search in the same process (a test, a flow run
     in-process) is not silently turned into a worker of a chief that is gone."""
-    saved = {k: os.environ.get(k) for k in ROLE_ENV}
-    os.environ.update({"KERASTUNER_TUNER_ID": tuner_id, "KERASTUNER_ORACLE_IP": oracle_ip,
-                       "KERASTUNER_ORACLE_PORT": str(oracle_port)})
-    try:
+    with temporary_env({"KERASTUNER_TUNER_ID": tuner_id, "KERASTUNER_ORACLE_IP": oracle_ip,
+                        "KERASTUNER_ORACLE_PORT": str(oracle_port)}):
         yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def run_worker(work_dir: Path, cfg: ExperimentConfig, tuner_id: str, oracle_ip: str,
