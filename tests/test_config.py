@@ -67,6 +67,15 @@ def test_missing_config_file(tmp_path: Path) -> None:
         load_config(tmp_path / "none.yaml")
 
 
+def test_unreadable_config_file_is_a_config_error(tmp_path: Path) -> None:
+    """Bad input (exit 2 at the command line), not a crash: the file is named."""
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00 not text")
+    for call in (lambda: load_config(binary, "quick"), lambda: available_profiles(binary)):
+        with pytest.raises(ConfigError, match="binary.yaml: cannot read"):
+            call()
+
+
 def test_flat_view_has_dotted_keys() -> None:
     flat = load_config(profile="quick").flat()
     assert flat["data.image_size"] == 96 and flat["gates.min_recall"] == 0.80
