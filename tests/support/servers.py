@@ -40,7 +40,10 @@ def mlflow_server(tmp: Path, backend: str, env: dict[str, str] | None = None,
             yield server
     elif backend == "postgres":
         with fresh_postgres_database(os.environ[POSTGRES_ENV]) as url:
-            with _running(url, artifacts, tmp, env) as server:
+            # Name the driver: SQLAlchemy 2.0 (pinned for Prefect) reads a bare postgresql://
+            # as psycopg2, which is not installed; cxr uses psycopg 3, as production does.
+            backend_uri = url.replace("postgresql://", "postgresql+psycopg://", 1)
+            with _running(backend_uri, artifacts, tmp, env) as server:
                 yield server
     else:
         raise ValueError(backend)
