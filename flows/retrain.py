@@ -158,7 +158,7 @@ def _stages(settings: Settings, spec: RunSpec, cfg: Any, refs: Any, tuner_worker
         if tuner_workers > 0:
             trials, best_hp = tasks.distributed_tune(
                 run_dir, cfg, tuner_workers, tasks.FanOut.from_settings(settings),
-                spec.profile, str(spec.config_path))
+                spec.profile, str(spec.config_path), live)
         else:
             trials, best_hp = tasks.tune(run_dir, cfg, live)
     logger.info("search: %d trials, best %s", len(trials), best_hp)

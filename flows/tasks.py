@@ -160,13 +160,15 @@ class FanOut:
 
 @task(name="start-tuner-worker", **IO_RETRIES)
 def start_tuner_worker(deployment: str, work_dir: Path, tuner_id: str, oracle_ip: str,
-                       oracle_port: int, profile: str, config: str | None) -> Any:
+                       oracle_port: int, profile: str, config: str | None,
+                       live_tracking: dict[str, str] | None = None) -> Any:
     """Create one worker run of ``deployment`` (e.g. on the gpu pool); returns at once."""
     from prefect.deployments import run_deployment
 
     return run_deployment(name=deployment, timeout=0, parameters={
         "work_dir": str(work_dir), "tuner_id": tuner_id, "oracle_ip": oracle_ip,
-        "oracle_port": oracle_port, "profile": profile, "config": config})
+        "oracle_port": oracle_port, "profile": profile, "config": config,
+        "live_tracking": live_tracking})
 
 
 def _start_chief(run_dir: Path, fan: FanOut, port: int, n_workers: int, profile: str,
@@ -222,11 +224,13 @@ def _watch_workers(runs: dict[str, Any], run_dir: Path, chief: Any, fan: FanOut)
 
 @task(name="distributed-tune", **COMPUTE)
 def distributed_tune(run_dir: Path, cfg: ExperimentConfig, n_workers: int, fan: FanOut,
-                     profile: str, config: str | None) -> tuple[list[Any], dict[str, Any]]:
+                     profile: str, config: str | None,
+                     live: Any | None = None) -> tuple[list[Any], dict[str, Any]]:
     """Keras Tuner's distributed mode: the chief (oracle) runs here as a subprocess, the
     workers as flow runs of ``fan.deployment``; then the finished search is read back. Every
     wait is bounded: workers that start late are told to stop, workers that never start are
-    cancelled, a worker that dies hands its trial to another."""
+    cancelled, a worker that dies hands its trial to another. With ``live`` (a LiveTracking),
+    each worker logs its trials as nested runs of the pipeline's run while they train."""
     from flows.servers import free_port, stop_group
 
     port = free_port(fan.bind_host if fan.bind_host != "0.0.0.0" else "127.0.0.1")
@@ -234,7 +238,7 @@ def distributed_tune(run_dir: Path, cfg: ExperimentConfig, n_workers: int, fan: 
     chief = _start_chief(run_dir, fan, port, n_workers, profile, config, log)
     try:
         runs = {tid: start_tuner_worker(fan.deployment, run_dir, tid, fan.oracle_host, port,
-                                        profile, config).id
+                                        profile, config, live.env() if live else None).id
                 for tid in (f"tuner{i}" for i in range(n_workers))}
         _watch_workers(runs, run_dir, chief, fan)
     finally:

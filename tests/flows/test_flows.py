@@ -480,3 +480,48 @@ def test_promote_flow_takes_regression_alpha_from_config(env, tracking, tmp_path
     out = promote_flow(config=str(lenient))
     assert out["promoted_version"] == v2 and out["previous_champion"] == v1
     assert str(client.get_model_version_by_alias("cxr-alpha", CHAMPION).version) == v2
+
+
+def test_a_tuner_worker_run_nobody_picks_up_is_cancelled_and_reported_gone(harness,
+                                                                           tmp_path) -> None:
+    """Item 4 of issue 14: with no worker polling the pool, the worker run is cancelled after
+    the start timeout, named in the log, and reported gone to the chief (which then finishes
+    without it) instead of the retrain waiting forever."""
+    import subprocess
+    import sys
+    import time
+
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+
+    from cxr_core.training.search import GONE_DIR
+    from flows.deploy import ensure_work_pool
+    from flows.tasks import FanOut, _watch_workers, start_tuner_worker
+    from flows.tune_worker import tune_worker_flow
+
+    ensure_work_pool("nobody-polls")
+    tune_worker_flow.to_deployment("unpicked", work_pool_name="nobody-polls").apply()
+    gone = tmp_path / "tuner" / GONE_DIR / "tuner0"
+    # A stand-in chief that finishes once the worker is reported gone, as the real one does.
+    chief = subprocess.Popen([sys.executable, "-c", (
+        "import pathlib, time\n"
+        f"p = pathlib.Path({str(gone)!r})\n"
+        "for _ in range(600):\n"
+        "    if p.exists(): break\n"
+        "    time.sleep(0.1)\n")])
+    fan = FanOut("tune-worker/unpicked", "127.0.0.1", "127.0.0.1", start_timeout_s=3,
+                 search_timeout_s=60)
+
+    @flow
+    def watch() -> str:
+        run = start_tuner_worker.fn(fan.deployment, tmp_path, "tuner0", "127.0.0.1", 1, "quick",
+                                    None)
+        _watch_workers({"tuner0": run.id}, tmp_path, chief, fan)
+        return str(run.id)
+
+    started = time.monotonic()
+    run_id = watch()
+    assert time.monotonic() - started < 50  # bounded by the start timeout, not the search's
+    assert chief.wait(timeout=10) == 0 and gone.exists()
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(run_id).state.is_cancelled()

@@ -98,3 +98,55 @@ def test_the_chief_gives_up_on_workers_that_never_connect(tmp_path, monkeypatch)
         only.fail(trial)
     thread.join(timeout=10)  # tuner1 never came: bounded by the join timeout
     assert not thread.is_alive()
+
+
+_CHIEF = """
+import os, sys
+from pathlib import Path
+from cxr_core.config import ExperimentConfig, deep_merge, load_config
+from cxr_core.training.oracle import serve_oracle
+from cxr_core.training.search import GONE_DIR, tuner_for
+work, port = Path(sys.argv[1]), sys.argv[2]
+os.environ.update(KERASTUNER_TUNER_ID="chief", KERASTUNER_ORACLE_IP="127.0.0.1",
+                  KERASTUNER_ORACLE_PORT=port)
+cfg = ExperimentConfig.model_validate(deep_merge(load_config(profile="quick").model_dump(), {
+    "data": {"image_size": 32}, "tune": {"algorithm": "random", "max_trials": 2}}))
+serve_oracle(tuner_for(cfg, work).oracle, ["tuner0"], work / "tuner" / GONE_DIR, 600.0, 0.2)
+"""
+
+# The process that starts the chief (the retrain flow's task), then dies without stopping it.
+_PARENT = """
+import subprocess, sys, time
+from cxr_core.training.oracle import oracle_reachable
+chief = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2], sys.argv[3]])
+print(chief.pid, flush=True)
+while not oracle_reachable("127.0.0.1", int(sys.argv[3]), 0.5):
+    time.sleep(0.2)
+"""
+
+
+def _exited(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state in ("Z", "X")  # a zombie has exited; whether anyone reaps it is not ours
+
+
+def test_the_chief_stops_when_the_process_that_started_it_is_gone(tmp_path) -> None:
+    """A retrain killed during its search leaves no oracle serving (and waiting for workers
+    for the whole join timeout) behind it."""
+    import subprocess
+    import sys
+
+    from flows.servers import free_port
+
+    port = free_port()
+    parent = subprocess.run([sys.executable, "-c", _PARENT, _CHIEF, str(tmp_path), str(port)],
+                            capture_output=True, text=True, timeout=180)
+    assert parent.returncode == 0, parent.stderr[-2000:]
+    chief_pid = int(parent.stdout.split()[0])
+    deadline = time.monotonic() + 30
+    while not _exited(chief_pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _exited(chief_pid), "the chief kept serving after its parent exited"
