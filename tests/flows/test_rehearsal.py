@@ -69,6 +69,21 @@ def _run_dir(prod: Any) -> Path | None:
     return runs[0] if len(runs) == 1 else None
 
 
+def _processes_of(flow_run_id: str) -> list[int]:
+    """The pids whose environment names this flow run (Prefect sets PREFECT__FLOW_RUN_ID)."""
+    mark = f"PREFECT__FLOW_RUN_ID={flow_run_id}".encode()
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if mark in (proc / "environ").read_bytes().split(b"\0"):
+                pids.append(int(proc.name))
+        except OSError:  # gone meanwhile, or not ours
+            continue
+    return pids
+
+
 def _deploy(prod: Any, data: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "flows.cli", "deploy", "--profile", "quick",
                           "--data-dir", str(data)], env=prod.env, capture_output=True,
@@ -128,8 +143,12 @@ def _kill_first_worker_to_finish_a_trial(client: Any, run_dir: Path, logs: Any) 
     done = _wait("a tuner worker completed a trial", lambda: _done_by(run_dir), 300, logs, 0.3)
     tuner_id = next(iter(done.values()))
     (victim,) = [r for r in _tuner_runs(client) if r.parameters.get("tuner_id") == tuner_id]
-    pid = int(str(victim.infrastructure_pid).rsplit(":", 1)[-1])
-    os.kill(pid, signal.SIGKILL)
+    # Every process of that flow run (the worker's starter and the engine it runs), as when
+    # the machine under it dies: the worker's infrastructure pid alone may be a launcher.
+    pids = _processes_of(str(victim.id))
+    assert pids, f"no process of flow run {victim.id} found"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
     assert len(_done_by(run_dir)) < MAX_TRIALS, "the search ended before a worker was killed"
     _wait("the killed tuner worker's run ended", lambda: _state(client, victim.id).is_final(),
           120, logs)
