@@ -1,0 +1,67 @@
+"""benchmarks/external.py end to end on two tiny synthetic sets (a train folder and an
+"external" one drawn with another seed): one option, two seeds, one epoch, 32 px."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from cxr_core.data.synth import synthesize_dataset
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load_script():
+    sys.path.insert(0, str(BENCHMARKS))  # the script imports its sibling _common
+    try:
+        spec = importlib.util.spec_from_file_location("bench_external", BENCHMARKS / "external.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return module
+
+
+@pytest.mark.slow
+def test_external_benchmark_rows_with_intervals_and_resume(tmp_path: Path) -> None:
+    train = tmp_path / "train"
+    external = tmp_path / "external"
+    # Everything in train/: validation and test are carved from it, as from the real data.
+    synthesize_dataset(train, n_per_class=40, size=64, seed=0, split_fractions=(1.0, 0.0, 0.0))
+    synthesize_dataset(external, n_per_class=40, size=64, seed=1, split_fractions=(0.0, 0.0, 1.0))
+    out = tmp_path / "external.json"
+    argv = [str(train), "--external", str(external), "--options", "baseline", "--seeds", "1,2",
+            "--epochs", "1", "--image-size", "32", "--n-bootstrap", "200",
+            "--work", str(tmp_path / "work"), "--json", str(out)]
+    bench = _load_script()
+    assert bench.main(argv) == 0
+
+    result = json.loads(out.read_text())
+    assert result["complete"] is True
+    assert result["external_images"] == 80
+    rows = result["rows"]
+    assert [(r["option"], r["seed"]) for r in rows] == [("baseline", 1), ("baseline", 2)]
+    for row in rows:
+        assert row["image_size"] == 32 and row["epochs"] == 1 and row["train_seconds"] > 0
+        assert row["recall_target"] == 0.97
+        for set_name in ("test", "external"):
+            assert row[set_name]["resampled"] == "patients"
+            for metric in ("roc_auc", "accuracy", "recall", "specificity"):
+                m = row[set_name]["metrics"][metric]
+                assert m["low"] <= m["value"] <= m["high"], (set_name, metric, m)
+    (summary,) = result["summary"]
+    assert summary["seeds"] == [1, 2]
+    s = summary["external_accuracy"]
+    assert s["min"] <= s["mean"] <= s["max"]
+    assert len(result["seed_ensembles"]) == 1
+
+    # A rerun resumes: the finished rows are read back, nothing is trained again.
+    trained = sorted((tmp_path / "work" / "rows").rglob("trained.json"))
+    stamps = [p.stat().st_mtime_ns for p in trained]
+    assert bench.main(argv) == 0
+    assert [p.stat().st_mtime_ns for p in trained] == stamps
+    assert json.loads(out.read_text())["rows"] == rows
