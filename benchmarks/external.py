@@ -22,7 +22,7 @@ Usage: python benchmarks/external.py [DATA_DIR] [--options a,b] [--seeds 1,2]
            [--external DIR] [--epochs N] [--patience N] [--image-size PX] [--hp JSON]
            [--work DIR] [--json FILE] [--list]
        (DATA_DIR defaults to $CXR_REAL_DATA; --external to $CXR_EXTERNAL_DEV or
-        /work/shared/data/chest_xray_224_external_dev)
+        ../shared/data/chest_xray_224_external_dev beside the repository)
 """
 
 from __future__ import annotations
@@ -41,7 +41,9 @@ from _common import add_data_and_json_args, parse_with_data, write_results
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-DEFAULT_EXTERNAL = "/work/shared/data/chest_xray_224_external_dev"
+# ../shared/data beside the repository, as on the development and CI machines.
+DEFAULT_EXTERNAL = str(Path(__file__).resolve().parents[2] / "shared" / "data"
+                       / "chest_xray_224_external_dev")
 SETS = ("test", "external")
 TABLE_METRICS = ("roc_auc", "accuracy", "recall", "specificity")
 # The fixed architecture: the search space's defaults (as benchmarks/robust_training.py).
