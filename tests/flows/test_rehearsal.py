@@ -59,9 +59,18 @@ def _tuner_runs(client: Any) -> list[Any]:
 
 
 def _done_by(run_dir: Path) -> dict[str, str]:
-    """trial id -> the tuner id that completed it (a trial writes epochs.json when it ends)."""
-    return {f.parent.name: json.loads(f.read_text())["tuner_id"]
-            for f in sorted(run_dir.glob("tuner/search/trial_*/epochs.json"))}
+    """trial id -> the tuner id that completed it: trials the chief has recorded COMPLETED
+    (trial.json), with the worker that wrote their epochs. A trial whose worker died before
+    reporting it is not done: the chief hands it to another worker, which rewrites it."""
+    done = {}
+    for trial in sorted(run_dir.glob("tuner/search/trial_*/trial.json")):
+        epochs = trial.parent / "epochs.json"
+        try:
+            if json.loads(trial.read_text()).get("status") == "COMPLETED" and epochs.is_file():
+                done[trial.parent.name] = json.loads(epochs.read_text())["tuner_id"]
+        except json.JSONDecodeError:  # being written
+            continue
+    return done
 
 
 def _run_dir(prod: Any) -> Path | None:
