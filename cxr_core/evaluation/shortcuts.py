@@ -156,7 +156,9 @@ def _oriented_auc(y: np.ndarray, score: np.ndarray) -> tuple[float, str]:
     from sklearn.metrics import roc_auc_score
 
     auc = float(roc_auc_score(y, score))
-    return (auc, LABELS[1]) if auc >= 0.5 else (1.0 - auc, LABELS[0])
+    if auc == 0.5:
+        return auc, "neither"
+    return (auc, LABELS[1]) if auc > 0.5 else (1.0 - auc, LABELS[0])
 
 
 def score_aucs(manifest: pd.DataFrame) -> list[dict[str, Any]]:

@@ -86,6 +86,7 @@ def test_score_aucs_are_oriented_and_name_the_higher_class() -> None:
     assert by["annotation_side_px"]["auc"] == 1.0
     assert by["annotation_side_px"]["higher_in"] == "NORMAL"
     assert by["abdomen_fraction"]["auc"] == 0.5  # a constant tells nothing
+    assert by["abdomen_fraction"]["higher_in"] == "neither"
     assert by["annotation_top_px"]["mean_NORMAL"] == pytest.approx(4.5)
 
 
