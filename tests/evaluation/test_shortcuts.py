@@ -63,7 +63,7 @@ def test_score_image_resizes_any_pillow_image_and_never_raises() -> None:
     small = Image.fromarray(chest()).resize((100, 100)).convert("RGB")
     scores = score_image(small)
     assert set(scores) == set(SCORE_COLUMNS) and all(v is not None for v in scores.values())
-    sixteen = Image.fromarray((chest().astype(np.uint16) * 256))
+    sixteen = Image.fromarray(chest().astype(np.uint16) * 256)
     assert score_image(sixteen)["abdomen_fraction"] == pytest.approx(
         score_image(chest())["abdomen_fraction"], abs=0.02)
     assert score_image(np.zeros((10, 10, 5), np.uint8)) == dict.fromkeys(SCORE_COLUMNS)

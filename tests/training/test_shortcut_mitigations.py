@@ -81,10 +81,9 @@ def test_saved_model_carries_the_mitigations_and_predict_matches_memory(tmp_path
     from cxr_core.data.inputs import load_images
     from cxr_core.lifecycle.predict import load_model_dir, predict_paths
     from cxr_core.training.fit import MODEL_FILE, THRESHOLD_FILE
+    from cxr_core.training.model import build_cnn
     from flows.cli import app
     from support.images import spread_outputs
-
-    from cxr_core.training.model import build_cnn
 
     model = build_cnn(SIZE, blocks=2, base_filters=4, dense_units=0, mask="borders",
                       crop=(0.0, 0.15, 0.05), intensity_norm="standardize", seed=2)
@@ -103,7 +102,7 @@ def test_saved_model_carries_the_mitigations_and_predict_matches_memory(tmp_path
         config = z.read("config.json").decode()
     assert "cxr_core" not in config and "annotation_mask" in config and "lung_crop" in config
     loaded = load_model_dir(tmp_path / "model")
-    assert {"annotation_masked", "lung_crop_resize"} <= {l.name for l in loaded.model.layers}
+    assert {"annotation_masked", "lung_crop_resize"} <= {layer.name for layer in loaded.model.layers}
     preds, errors = predict_paths(loaded, paths, workers=1)
     assert errors.empty
     got = preds.set_index("path").loc[paths, "probability"].to_numpy()
