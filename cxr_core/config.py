@@ -72,6 +72,10 @@ class AugmentConfig(_Section):
     random_gamma: bool = False   # gamma_range on every training image (input pipeline)
     max_blur_sigma: float = Field(0.0, ge=0, le=3)      # random Gaussian blur (input pipeline), pixels
     noise_std: float = Field(0.0, ge=0, le=50)          # Gaussian noise (input pipeline), grey levels
+    # Shortcut mitigation (issue 12): the share of training images of both classes that get
+    # a synthetic burned-in marker (a letter, "A-P", an electrode) in the top corners or
+    # along the sides (input pipeline), so that text stops predicting the class.
+    synthetic_marker_prob: float = Field(0.0, ge=0, le=1)
 
 
 class BalanceConfig(_Section):
@@ -91,6 +95,25 @@ class TuneConfig(_Section):
     train_fraction: float = Field(1.0, gt=0, le=1)
 
 
+class LungCropConfig(_Section):
+    """A crop inside the model that keeps the lung fields: the share of the image cut at the
+    top, at the bottom (the abdomen) and on each side, then resized back. All 0: off."""
+
+    top: float = Field(0.0, ge=0, lt=0.5)
+    bottom: float = Field(0.0, ge=0, lt=0.5)
+    sides: float = Field(0.0, ge=0, lt=0.3)
+
+    @model_validator(mode="after")
+    def _keeps_enough(self) -> LungCropConfig:
+        if self.top + self.bottom > 0.5:
+            raise ValueError("lung_crop top + bottom cut more than half the image")
+        return self
+
+    def as_tuple(self) -> tuple[float, float, float]:
+        """(top, bottom, sides), the form ``build_cnn`` takes."""
+        return (self.top, self.bottom, self.sides)
+
+
 class TrainConfig(_Section):
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(32, ge=1)
@@ -105,6 +128,12 @@ class TrainConfig(_Section):
     calibrate: bool = False
     # Test-time augmentation in the saved model: mean of the image and a 90% centre crop.
     tta: bool = False
+    # Shortcut mitigations inside the model (issue 12), so training, cxr predict and the
+    # saved model treat every image alike: fill the regions where burned-in annotations sit
+    # (corners: top 15% rows x outer 20% columns; borders: also the outer 10% columns
+    # below them) with the image's mean, and a crop that keeps the lung fields.
+    mask_annotations: Literal["none", "corners", "borders"] = "none"
+    lung_crop: LungCropConfig = LungCropConfig()
 
 
 class GateConfig(_Section):

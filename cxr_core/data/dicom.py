@@ -233,6 +233,14 @@ def header_facts(ds: Any) -> dict[str, object]:
     }
 
 
+def _shortcut_scores(gray: np.ndarray) -> dict[str, float | None]:
+    """The shortcut scores of the decoded pixels (imported here: the scan reads each file
+    once)."""
+    from cxr_core.evaluation.shortcuts import score_image
+
+    return score_image(gray)
+
+
 def inspect_dicom(data: bytes, name: str, salt: bytes | None) -> dict[str, object]:
     """Manifest facts of one DICOM file: size, mode, header facts and the pseudonymous
     patient id; decodes the pixels fully. Raises DicomDecodeError for a bad file."""
@@ -244,6 +252,7 @@ def inspect_dicom(data: bytes, name: str, salt: bytes | None) -> dict[str, objec
         # The mode training sees: the stored bit depth is in dicom_bits_stored.
         "mode": "L" if samples == 1 else "RGB", "channels": 1 if samples == 1 else 3,
         **header_facts(ds),
+        **_shortcut_scores(gray),
     }
     patient = str(ds.get("PatientID", "") or "").strip()
     facts["patient_pseudonym"] = pseudonymize(patient, salt) if patient and salt else None

@@ -323,6 +323,48 @@ def photometric(dataset, gamma_range: tuple[float, float] | None, noise_std: flo
                                                       deterministic=True)
 
 
+def paste_markers(dataset, prob: float, image_size: int, seed: int):
+    """Synthetic burned-in markers on a batched training ``(images 0-255, labels)`` dataset:
+    each image, whatever its label, gets with probability ``prob`` one stamp of
+    :func:`cxr_core.data.markers.marker_stamps` (a letter, "A-P", an electrode) at a random
+    place in a top corner or along a side, at a grey level from 150 to 255, kept where the
+    image is brighter (burned-in text is the brightest thing there). A model can then no
+    longer tell the class by the text. Training data only; a run is deterministic for a seed
+    (:func:`_batch_seeds`)."""
+    import tensorflow as tf
+
+    from cxr_core.data.markers import marker_stamps, zone_offsets
+
+    if prob <= 0:
+        return dataset
+    stamps = tf.constant(marker_stamps(image_size))
+    zones = tf.constant(zone_offsets(image_size))
+    k, h, w = stamps.shape
+    seeds = _batch_seeds(seed + 29, 1)
+
+    def place(args):
+        stamp, row, col = args
+        return tf.pad(stamp, [[row, image_size - h - row], [col, image_size - w - col]])
+
+    def apply(batch, s):
+        x, y = batch
+        n = tf.shape(x)[0]
+        u = tf.random.stateless_uniform([n, 6], s[0])
+        which = tf.minimum(tf.cast(u[:, 1] * k, tf.int32), k - 1)
+        zone = tf.gather(zones, tf.minimum(tf.cast(u[:, 2] * len(zones), tf.int32), len(zones) - 1))
+        row = zone[:, 0] + tf.cast(u[:, 3] * tf.cast(zone[:, 1] - zone[:, 0] + 1, tf.float32), tf.int32)
+        col = zone[:, 2] + tf.cast(u[:, 4] * tf.cast(zone[:, 3] - zone[:, 2] + 1, tf.float32), tf.int32)
+        row, col = tf.minimum(row, zone[:, 1]), tf.minimum(col, zone[:, 3])
+        canvas = tf.map_fn(place, (tf.gather(stamps, which), row, col),
+                           fn_output_signature=tf.float32)
+        level = (150.0 + 105.0 * u[:, 5]) * tf.cast(u[:, 0] < prob, tf.float32)
+        marker = canvas[..., None] * tf.reshape(level, [-1, 1, 1, 1])
+        return tf.maximum(x, marker), y
+
+    return tf.data.Dataset.zip((dataset, seeds)).map(apply, num_parallel_calls=tf.data.AUTOTUNE,
+                                                      deterministic=True)
+
+
 @dataclass
 class Datasets:
     """tf.data datasets of one run, with what fit() needs beside them."""
@@ -353,6 +395,8 @@ def make_datasets(balanced: Any, cfg: ExperimentConfig,
     else:
         train = make_dataset(train_data, size, batch, shuffle=True, seed=cfg.seed)
     aug = cfg.balance.augment
+    # Markers first: burned-in text goes through the same exposure, blur and noise.
+    train = paste_markers(train, aug.synthetic_marker_prob, size, cfg.seed)
     if aug.random_gamma or aug.noise_std or aug.max_blur_sigma:
         train = photometric(train, aug.gamma_range if aug.random_gamma else None,
                             aug.noise_std, cfg.seed, max_blur_sigma=aug.max_blur_sigma)

@@ -20,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from cxr_core.data import dicom
 from cxr_core.data.labels import LABELS
 from cxr_core.errors import DataLayoutError
+from cxr_core.evaluation.shortcuts import SCORE_COLUMNS, score_image
 
 # DICOM files without one of these extensions are found by their preamble (is_image_path).
 IMAGE_EXTENSIONS = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff"}) | dicom.DICOM_EXTENSIONS
@@ -39,6 +40,9 @@ MANIFEST_COLUMNS = [
     "extension", "format", "width", "height", "mode", "channels", "bytes", "sha256",
     "readable", "error",
 ]
+# Per-image shortcut scores (cxr_core.evaluation.shortcuts), measured while the scan has the
+# pixels decoded anyway; absent from manifests of augmented copies and older runs.
+SHORTCUT_SCORE_COLUMNS = list(SCORE_COLUMNS)
 _SERIAL_BELOW = 256  # below this many files a process pool costs more than it saves
 
 _PERSON = re.compile(r"^person(\d+)_", re.IGNORECASE)
@@ -191,6 +195,7 @@ def list_dataset(root: Path) -> _Listing:
 
 def inspect_image(path: str, salt: bytes | None = None) -> dict[str, object]:
     """Hash and fully decode one file; never raises for a bad file (the error is recorded).
+    A readable image also gets its shortcut scores (:data:`SHORTCUT_SCORE_COLUMNS`).
 
     DICOM files (by extension or preamble) also give their header facts and, with ``salt``,
     ``patient_pseudonym``: the salted hash of their PatientID (never the id itself)."""
@@ -225,7 +230,8 @@ def inspect_image(path: str, salt: bytes | None = None) -> dict[str, object]:
             row["mode"] = img.mode
             row["channels"] = len(img.getbands())
             img.load()  # full decode: catches truncated and corrupt pixel data
-        row["readable"] = True
+            row["readable"] = True
+            row.update(score_image(img))  # while decoded: no second read of the file
     except UnidentifiedImageError:
         row["error"] = "not an image (no decoder recognises the content)"
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
@@ -271,11 +277,11 @@ def scan_dataset(data_dir: Path, workers: int = 0) -> ScanResult:
             "extension": path.suffix.lower(),
         })
     # DICOM header facts appear only for data sets that have DICOM files.
-    columns = MANIFEST_COLUMNS + (dicom.HEADER_COLUMNS if has_dicom else [])
+    columns = MANIFEST_COLUMNS + SHORTCUT_SCORE_COLUMNS + (dicom.HEADER_COLUMNS if has_dicom else [])
     manifest = pd.DataFrame(rows, columns=columns)
     manifest = manifest.astype({
         "width": "Int64", "height": "Int64", "channels": "Int64", "bytes": "Int64",
-        "readable": bool,
+        "readable": bool, **dict.fromkeys(SHORTCUT_SCORE_COLUMNS, "float64"),
     })
     if has_dicom:
         manifest = manifest.astype({"dicom_pixel_spacing": "Float64", "dicom_bits_stored": "Int64"})

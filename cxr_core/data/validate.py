@@ -3,7 +3,8 @@
 Every check is a GX expectation tagged with a severity in its ``meta``: a failed ``error``
 fails the data set, a failed ``warning`` is reported. Results name each offending file.
 Three GX batches are validated: the manifest (one row per file), the class counts (one row
-per split and class) and the shortcut audit (one row).
+per split and class) and the shortcut audit (one row for image size, one per shortcut score
+and split: :mod:`cxr_core.evaluation.shortcuts`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from cxr_core.data.manifest import (
     manifest_hash,
 )
 from cxr_core.data.splits import carved_overlap_mask, scan_and_split
-from cxr_core.evaluation.shortcuts import shortcut_auc
+from cxr_core.evaluation.shortcuts import SCORE_DESCRIPTIONS, score_aucs, shortcut_auc
 
 ERROR = "error"
 WARNING = "warning"
@@ -60,6 +61,9 @@ class ValidationReport:
     split_counts: dict[str, dict[str, int]] = field(default_factory=dict)
     shortcut_auc: float | None = None
     data_docs_index: str | None = None
+    # Per shortcut score and split: how well it alone separates the classes
+    # (cxr_core.evaluation.shortcuts.score_aucs).
+    shortcut_scores: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -150,6 +154,29 @@ def class_count_frame(manifest: pd.DataFrame) -> pd.DataFrame:
             rows.append({"group": f"{split}/{label}: {n} images ({share:.0%})", "split": split,
                          "label": label, "count": n, "fraction": share})
     return pd.DataFrame(rows)
+
+
+def score_group(row: dict[str, Any]) -> str:
+    """How one shortcut score's audit of one split reads in the report (the offending item)."""
+    return (f"{row['score']} in {row['split']}: ROC-AUC {row['auc']:.3f}, higher in "
+            f"{row['higher_in']} ({SCORE_DESCRIPTIONS.get(row['score'], row['score'])})")
+
+
+def shortcut_audit_frame(size_auc: float | None, scores: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row for the image-size audit, one per shortcut score and split with an AUC. A
+    missing figure (too little data; the other audit's row) is null, which the expectation
+    skips."""
+    rows = [{"group": "all", "shortcut_auc": size_auc, "score_auc": None}]
+    rows += [{"group": score_group(r), "shortcut_auc": None, "score_auc": r["auc"]}
+             for r in scores if r["auc"] is not None]
+    return pd.DataFrame(rows).astype({"shortcut_auc": "float64", "score_auc": "float64"})
+
+
+def _highest_score_auc(scores: list[dict[str, Any]]) -> str:
+    audited = [r for r in scores if r["auc"] is not None]
+    if not audited:
+        return "too little data for the audit (or no shortcut scores in the manifest)"
+    return f"highest: {score_group(max(audited, key=lambda r: r['auc']))}"
 
 
 # ---------------------------------------------------------------------------- expectations
@@ -245,6 +272,12 @@ def _expectations(cfg: ValidationConfig) -> dict[str, list[Any]]:
             meta=meta("size_shortcut", WARNING,
                       f"image size alone separates the classes with ROC-AUC <= "
                       f"{cfg.shortcut_auc_warn}")),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="score_auc", max_value=cfg.shortcut_auc_warn,
+            meta=meta("image_score_shortcut", WARNING,
+                      "no shortcut score (burned-in annotations in the top corners or along "
+                      "the sides, field of view) alone separates the classes of a split with "
+                      f"ROC-AUC above {cfg.shortcut_auc_warn}")),
     ]
     return {"manifest": manifest, "class_counts": counts, "shortcut_audit": audit}
 
@@ -345,12 +378,11 @@ def validate_scan(scan: ScanResult, cfg: ValidationConfig, report_dir: Path | No
     ctx = _gx_context(docs_dir)
     suites = _expectations(cfg)
     auc = shortcut_auc(manifest, seed=seed)
+    scores = score_aucs(manifest)
     frames = {
         "manifest": (manifest_frame(manifest), "path"),
         "class_counts": (class_count_frame(manifest), "group"),
-        # A missing audit (too little data) is a null value, which the expectation skips.
-        "shortcut_audit": (pd.DataFrame({"group": ["all"], "shortcut_auc": [auc]},
-                                        ).astype({"shortcut_auc": "float64"}), "group"),
+        "shortcut_audit": (shortcut_audit_frame(auc, scores), "group"),
     }
     dicom = dicom_frame(manifest)
     if dicom is not None:  # DICOM header checks, only for data sets that have DICOM files
@@ -366,6 +398,8 @@ def validate_scan(scan: ScanResult, cfg: ValidationConfig, report_dir: Path | No
             check.observed = ("too little data for the audit" if auc is None else
                               f"ROC-AUC {auc:.3f} from width, height and aspect ratio")
             check.offending, check.n_offending = [], 0
+        elif check.name == "image_score_shortcut":
+            check.observed = _highest_score_auc(scores)
         elif check.name == "no_patient_in_both_classes" and not check.success:
             ids = patients_in_both_classes(manifest)
             listed = ", ".join(ids[:MAX_LISTED]) + (" ..." if len(ids) > MAX_LISTED else "")
@@ -381,6 +415,7 @@ def validate_scan(scan: ScanResult, cfg: ValidationConfig, report_dir: Path | No
         split_counts={s: {r.label: int(r.count)
                           for r in g.itertuples()} for s, g in counts.groupby("split", sort=False)},
         shortcut_auc=auc,
+        shortcut_scores=scores,
         data_docs_index=str(docs_dir / "index.html") if docs_dir is not None else None,
     )
     if report_dir is not None:

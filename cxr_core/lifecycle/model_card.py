@@ -91,6 +91,24 @@ def _robustness_section(robustness: Mapping[str, float] | None) -> str:
             f"of each metric over those shifts:\n\n| metric | worst |\n| --- | --- |\n{rows}")
 
 
+def shortcut_section(data_summary: Mapping[str, Any]) -> str:
+    """How well each shortcut score (burned-in annotations, field of view) alone separates
+    the classes per split, flagged above the warning level, and the mitigations in use."""
+    rows = [r for r in data_summary.get("shortcut_scores") or [] if r.get("auc") is not None]
+    warn = data_summary.get("shortcut_auc_warn")
+    mitigations = data_summary.get("shortcut_mitigations") or "none"
+    if not rows:
+        return f"No shortcut scores were audited for this data. Mitigations: {mitigations}."
+    table = "\n".join(
+        f"| {r['score']} | {r['split']} | {r['auc']:.3f} | {r['higher_in']} |"
+        f"{' **above ' + format(warn, '.2f') + '**' if warn is not None and r['auc'] > warn else ''} |"
+        for r in rows)
+    return ("How well each score alone separates NORMAL from PNEUMONIA (ROC-AUC, 0.5 = no "
+            "information): a high value is a cue a model can learn instead of the lungs "
+            "(README, \"Shortcut audit\").\n\n| score | split | ROC-AUC | higher in | flag |\n"
+            f"| --- | --- | --- | --- | --- |\n{table}\n\nMitigations in this model: {mitigations}.")
+
+
 def title(name: str, version: str | None) -> str:
     """The card's first line."""
     return f"# Model card: {name}{f' version {version}' if version else ''}"
@@ -159,6 +177,9 @@ Balancing: {data_summary.get('balancing')}.
 
 ### Split provenance
 {_provenance_section(origins)}
+
+## Shortcut audit
+{shortcut_section(data_summary)}
 
 ## Test metrics (at the threshold, 95% bootstrap intervals)
 {evaluation.n} test images ({evaluation.n_positive} PNEUMONIA, {evaluation.n_negative} NORMAL).

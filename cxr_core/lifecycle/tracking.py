@@ -277,7 +277,25 @@ def _data_summary(cfg: Any, validated: Any, manifest: pd.DataFrame) -> dict[str,
         "data_root": validated.data_root, "manifest_hash": validated.manifest_hash,
         "split_counts": validated.split_counts, "image_size": cfg.data.image_size,
         "split_origins": split_provenance(manifest),
-        "balancing": f"{cfg.balance.strategy}, target ratio {cfg.balance.target_ratio}"}
+        "balancing": f"{cfg.balance.strategy}, target ratio {cfg.balance.target_ratio}",
+        **shortcut_summary(cfg, manifest)}
+
+
+def shortcut_summary(cfg: Any, manifest: pd.DataFrame) -> dict[str, Any]:
+    """The model card's shortcut audit: per score and split AUCs from the manifest's score
+    columns, the warning level, and the mitigations the config turned on."""
+    from cxr_core.evaluation.shortcuts import score_aucs
+
+    crop = cfg.train.lung_crop
+    used = [f"annotation mask `{cfg.train.mask_annotations}`"] if cfg.train.mask_annotations != "none" else []
+    if any(crop.as_tuple()):
+        used.append(f"lung crop (top {crop.top}, bottom {crop.bottom}, sides {crop.sides})")
+    if cfg.balance.augment.synthetic_marker_prob:
+        used.append(f"synthetic markers on {cfg.balance.augment.synthetic_marker_prob:.0%} of "
+                    "training images")
+    return {"shortcut_scores": score_aucs(manifest),
+            "shortcut_auc_warn": cfg.validation.shortcut_auc_warn,
+            "shortcut_mitigations": ", ".join(used) or "none"}
 
 
 def _model_card(model_name: str, cfg: Any, validated: Any, manifest: pd.DataFrame, trained: Any,

@@ -104,12 +104,14 @@ def train_final(
     callbacks: list[Any] | None = None,
     calibrate: bool = False,
     tta: bool = False,
+    mask: str = "none", crop: tuple[float, float, float] = (0.0, 0.0, 0.0),
 ) -> TrainedModel:
     """Retrain the best hyperparameters with early stopping on ``monitor`` (the search's
     objective; best weights restored), choose the threshold on validation, save model and
     threshold. ``callbacks`` run before early stopping (they may add the monitored metric).
     ``calibrate`` and ``tta`` shape the saved model (:func:`final_model`); the threshold is
-    chosen on that model's output, the one that will be served.
+    chosen on that model's output, the one that will be served. ``mask`` and ``crop`` are
+    the shortcut mitigations built into the model (``build_cnn``).
 
     ``val_ds`` must not be shuffled: its order has to match ``val_labels``.
     """
@@ -122,6 +124,7 @@ def train_final(
             "dense_units", "learning_rate")
     model = build_cnn(image_size, augment=augment, mixed_precision=mixed_precision, seed=seed,
                       intensity_norm=intensity_norm, label_smoothing=label_smoothing,
+                      mask=mask, crop=crop,
                       **{k: hyperparameters[k] for k in keys if k in hyperparameters})
     mode = monitor_mode(monitor)
     # Validation AUC swung between epochs on the real data (0.999 -> 0.943 -> 0.999): halving
@@ -216,4 +219,6 @@ def train_best(best_hp: dict[str, Any], datasets: Datasets, cfg: ExperimentConfi
         callbacks=[shifted_validation(datasets, cfg.seed), *(callbacks or [])],
         calibrate=cfg.train.calibrate,
         tta=cfg.train.tta,
+        mask=cfg.train.mask_annotations,
+        crop=cfg.train.lung_crop.as_tuple(),
     )

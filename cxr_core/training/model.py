@@ -54,6 +54,66 @@ def augmentation_layers(cfg: AugmentConfig, seed: int) -> list[Any]:
 
 
 INTENSITY_NORMS = ("none", "standardize")
+MASK_MODES = ("none", "corners", "borders")
+
+
+def annotation_keep_map(image_size: int, mode: str) -> Any:
+    """float32 [S, S, 1]: 0 where burned-in annotations are masked, 1 elsewhere. The
+    regions are the shortcut audit's own (:mod:`cxr_core.evaluation.shortcuts`)."""
+    import numpy as np
+
+    from cxr_core.evaluation.shortcuts import CORNER_REGIONS, SIDE_REGIONS, region_slices
+
+    if mode not in MASK_MODES:
+        raise ValueError(f"unknown annotation mask {mode!r}; use one of {MASK_MODES}")
+    regions = {"none": (), "corners": CORNER_REGIONS,
+               "borders": CORNER_REGIONS + SIDE_REGIONS}[mode]
+    keep = np.ones((image_size, image_size, 1), dtype=np.float32)
+    for region in regions:
+        keep[region_slices(region, image_size)] = 0.0
+    return keep
+
+
+def mask_annotations(x: Any, image_size: int, mode: str) -> Any:
+    """Fill the annotation regions with the mean of the rest of the image, in training and at
+    inference: ``(x - m) * keep + m``. Built-in layers only (the map is a constant of a
+    ``Rescaling``), so the saved model needs no cxr code. A flat fill, not inpainting: the
+    regions hold no lung, and a constant carries no text for a model to read."""
+    from keras import layers
+
+    keep = annotation_keep_map(image_size, mode)
+    kept_share = float(keep.mean())
+    kept = layers.Rescaling(keep, name="annotation_keep")(x)
+    mean = layers.GlobalAveragePooling2D(keepdims=True, name="annotation_fill_sum")(kept)
+    mean = layers.Rescaling(1.0 / kept_share, name="annotation_fill")(mean)
+    centred = layers.Subtract(name="annotation_centre")([x, mean])
+    masked = layers.Rescaling(keep, name="annotation_mask")(centred)
+    return layers.Add(name="annotation_masked")([masked, mean])
+
+
+def crop_lung_fields(x: Any, image_size: int, crop: tuple[float, float, float]) -> Any:
+    """Cut ``crop`` = (top, bottom, sides) shares of the image off its edges and resize back
+    to ``image_size``: what lies below the lungs (abdomen) and beside them (arms, side
+    markers) no longer reaches the network. Built-in layers only."""
+    from keras import layers
+
+    top, bottom, sides = (int(round(f * image_size)) for f in crop)
+    if top + bottom >= image_size or 2 * sides >= image_size:
+        raise ValueError(f"lung crop {crop} leaves nothing of a {image_size} px image")
+    x = layers.Cropping2D(((top, bottom), (sides, sides)), name="lung_crop")(x)
+    return layers.Resizing(image_size, image_size, interpolation="bilinear",
+                           name="lung_crop_resize")(x)
+
+
+def shortcut_mitigations(x: Any, image_size: int, mask: str = "none",
+                         crop: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> Any:
+    """The configured mitigations, first thing in the model: the mask (in the image's own
+    frame, where the audit measured the annotations), then the crop."""
+    if mask != "none":
+        x = mask_annotations(x, image_size, mask)
+    if any(crop):
+        x = crop_lung_fields(x, image_size, crop)
+    return x
 
 
 def standardize_per_image(x: Any, image_size: int) -> Any:
@@ -93,11 +153,13 @@ def build_cnn(
     intensity_norm: str = "none",
     label_smoothing: float = 0.0,
     bn_momentum: float = 0.9,
+    mask: str = "none", crop: tuple[float, float, float] = (0.0, 0.0, 0.0),
 ) -> Any:
     """A CNN built for accuracy per CPU-second: a stride-2 stem with pooling, conv blocks with
     batch norm (one or two convs, optionally separable and residual) that halve the
     resolution, global pooling, dropout and a small dense head. Compiled with binary
-    cross-entropy (optionally label-smoothed) and the named metrics.
+    cross-entropy (optionally label-smoothed) and the named metrics. ``mask`` and ``crop``
+    are the shortcut mitigations (:func:`shortcut_mitigations`), applied before anything else.
 
     ``bn_momentum`` is 0.9 rather than Keras' 0.99: with a few hundred steps per epoch the
     slower moving averages lag the weights, and validation metrics (computed with those
@@ -109,7 +171,7 @@ def build_cnn(
     conv = layers.SeparableConv2D if separable else layers.Conv2D
 
     inputs = keras.Input((image_size, image_size, 1), name="image")
-    x = inputs
+    x = shortcut_mitigations(inputs, image_size, mask, crop)
     for layer in augmentation_layers(augment, seed) if augment else []:
         x = layer(x)
     if intensity_norm == "standardize":
@@ -162,7 +224,8 @@ class CxrHyperModel(kt.HyperModel):
 
     def __init__(self, image_size: int, augment: AugmentConfig | None = None,
                  mixed_precision: bool = False, seed: int = 0, intensity_norm: str = "none",
-                 label_smoothing: float = 0.0) -> None:
+                 label_smoothing: float = 0.0, mask: str = "none",
+                 crop: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> None:
         super().__init__(name="cxr_cnn", tunable=True)
         self.image_size = image_size
         self.augment = augment
@@ -170,6 +233,8 @@ class CxrHyperModel(kt.HyperModel):
         self.seed = seed
         self.intensity_norm = intensity_norm
         self.label_smoothing = label_smoothing
+        self.mask = mask
+        self.crop = tuple(crop)
 
     def build(self, hp: kt.HyperParameters) -> Any:
         return build_cnn(
@@ -190,6 +255,8 @@ class CxrHyperModel(kt.HyperModel):
             seed=self.seed,
             intensity_norm=self.intensity_norm,
             label_smoothing=self.label_smoothing,
+            mask=self.mask,
+            crop=self.crop,
         )
 
 

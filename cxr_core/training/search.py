@@ -247,7 +247,8 @@ def hypermodel_for(cfg: ExperimentConfig) -> Any:
     return CxrHyperModel(cfg.data.image_size, augment=cfg.balance.augment,
                          mixed_precision=cfg.train.mixed_precision, seed=cfg.seed,
                          intensity_norm=cfg.train.intensity_norm,
-                         label_smoothing=cfg.train.label_smoothing)
+                         label_smoothing=cfg.train.label_smoothing,
+                         mask=cfg.train.mask_annotations, crop=cfg.train.lung_crop.as_tuple())
 
 
 def tuner_for(cfg: ExperimentConfig, work_dir: Path, distribution_strategy: Any | None = None) -> kt.Tuner:

@@ -205,10 +205,10 @@ def test_header_checks_name_each_file_with_its_severity(tmp_path: Path) -> None:
 
 
 def test_jpeg_data_sets_keep_their_manifest_and_checks(good_dataset: Path) -> None:
-    from cxr_core.data.manifest import MANIFEST_COLUMNS
+    from cxr_core.data.manifest import MANIFEST_COLUMNS, SHORTCUT_SCORE_COLUMNS
 
     scan, report = validate_dataset(good_dataset, DATA, VALID, seed=0)
-    assert list(scan.manifest.columns) == MANIFEST_COLUMNS
+    assert list(scan.manifest.columns) == MANIFEST_COLUMNS + SHORTCUT_SCORE_COLUMNS
     assert not [c for c in report.checks if c.name.startswith("dicom_")]
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from cxr_core.data.manifest import (
     MANIFEST_COLUMNS,
+    SHORTCUT_SCORE_COLUMNS,
     find_data_root,
     inspect_image,
     manifest_hash,
@@ -40,7 +41,8 @@ def test_patient_id_from_name(name: str, expected: str) -> None:
 def test_scan_good_dataset_rows(good_dataset: Path) -> None:
     scan = scan_dataset(good_dataset, workers=1)
     m = scan.manifest
-    assert list(m.columns) == MANIFEST_COLUMNS
+    assert list(m.columns) == MANIFEST_COLUMNS + SHORTCUT_SCORE_COLUMNS
+    assert m[SHORTCUT_SCORE_COLUMNS].notna().all().all()  # every readable image is scored
     assert len(m) == 3 * 8 * 2 * 2
     assert m["readable"].all()
     assert set(m["split"]) == {"train", "val", "test"}
@@ -122,7 +124,7 @@ def test_manifest_roundtrip_and_hash(good_dataset: Path, tmp_path: Path) -> None
     m = scan_dataset(good_dataset, workers=1).manifest
     for suffix in (".parquet", ".csv"):
         back = read_manifest(write_manifest(m, tmp_path / f"m{suffix}"))
-        assert len(back) == len(m) and list(back.columns) == MANIFEST_COLUMNS
+        assert len(back) == len(m) and list(back.columns) == MANIFEST_COLUMNS + SHORTCUT_SCORE_COLUMNS
     h = manifest_hash(m)
     assert h == manifest_hash(m.sample(frac=1, random_state=0))  # order-free
     changed = m.copy()

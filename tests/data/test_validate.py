@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from cxr_core.config import DataConfig, ValidationConfig
 from cxr_core.data.validate import validate_dataset
 from cxr_core.evaluation.shortcuts import shortcut_auc
-from support.images import tree_digest, write_image
+from support.images import chest_like, tree_digest, with_text, write_image
 
 # Tiny test images: relax size bounds and counts, keep given val (no carving).
 DATA = DataConfig(min_val_images=0)
@@ -140,6 +141,49 @@ def test_shortcut_audit_flags_size_that_gives_the_class_away() -> None:
     assert shortcut_auc(m.head(10)) is None
 
 
+def text_shortcut_dataset(root: Path, n: int = 14) -> Path:
+    """Chest-like 224 px images; every PNEUMONIA image carries an "R" in the top-left corner
+    and no NORMAL image does: burned-in text gives the class away."""
+    for label in ("NORMAL", "PNEUMONIA"):
+        for i in range(n):
+            img = chest_like(seed=i)
+            if label == "PNEUMONIA":
+                img = with_text(img, "R", (8, 6))
+            name = f"IM-{i:04d}-0001.png" if label == "NORMAL" else f"person{i}_virus_1.png"
+            out = root / "train" / label / name
+            out.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(out)
+    return root
+
+
+def test_shortcut_audit_warns_when_burned_in_text_gives_the_class_away(tmp_path: Path) -> None:
+    root = text_shortcut_dataset(tmp_path / "text")
+    scan, report = validate_dataset(root, DATA, VALID, seed=0, report_dir=tmp_path / "r")
+    assert report.passed  # a warning, never an error
+    c = check(report, "image_score_shortcut")
+    assert not c.success and c.severity == "warning"
+    assert any(o.startswith("annotation_top_px in train: ROC-AUC 1.000, higher in PNEUMONIA")
+               for o in c.offending), c.offending
+    assert "annotation_top_px" in c.observed
+    assert not any(o.startswith("abdomen_fraction") for o in c.offending)  # same anatomy
+    assert "[WARN ] image_score_shortcut" in report.summary_text()
+    summary = json.loads((tmp_path / "r" / "validation_summary.json").read_text())
+    top = [r for r in summary["shortcut_scores"] if r["score"] == "annotation_top_px"]
+    assert {r["split"] for r in top} == set(scan.manifest["split"])
+    # The per-image scores are in the manifest, for inspection.
+    m = pd.read_parquet(tmp_path / "r" / "manifest.parquet")
+    assert (m.loc[m["label"] == "PNEUMONIA", "annotation_top_px"] > 0).all()
+    assert (m.loc[m["label"] == "NORMAL", "annotation_top_px"] == 0).all()
+
+
+def test_shortcut_audit_passes_without_a_shortcut(tmp_path: Path) -> None:
+    root = text_shortcut_dataset(tmp_path / "text")
+    for f in (root / "train" / "PNEUMONIA").iterdir():  # the same images, without the text
+        Image.fromarray(chest_like(seed=int(f.name.split("_")[0][6:]))).save(f)
+    _, report = validate_dataset(root, DATA, VALID, seed=0)
+    assert check(report, "image_score_shortcut").success
+
+
 @pytest.mark.realdata
 def test_real_train_split_passes_and_finds_26_duplicates(real_data: Path, tmp_path: Path) -> None:
     from cxr_core.config import load_config
@@ -154,6 +198,13 @@ def test_real_train_split_passes_and_finds_26_duplicates(real_data: Path, tmp_pa
     dup = check(report, "no_duplicates_within_split")
     assert not dup.success and dup.n_offending >= 26 + 1
     assert report.passed, report.summary_text()
+    # Shortcut scores (benchmarks/shortcuts.py): top-corner text marks PNEUMONIA, side
+    # markers and a wider field of view NORMAL.
+    train = {r["score"]: r for r in report.shortcut_scores if r["split"] == "train"}
+    assert train["annotation_top_px"]["higher_in"] == "PNEUMONIA"
+    assert train["annotation_top_px"]["auc"] > 0.7
+    assert train["annotation_side_px"]["higher_in"] == "NORMAL"
+    assert train["abdomen_fraction"]["higher_in"] == "NORMAL"
     # val and test were carved by patient from train.
     assert set(m["split"]) == {"train", "val", "test"}
     assert m.groupby("patient_id")["split"].nunique().max() == 1

@@ -33,7 +33,8 @@ def _manifest(test_origin: str) -> pd.DataFrame:
     return frame
 
 
-def _card(seed: int, test_origin: str = "carved", robustness: dict | None = None) -> str:
+def _card(seed: int, test_origin: str = "carved", robustness: dict | None = None,
+          **extra: object) -> str:
     rng = np.random.default_rng(seed)
     y = np.arange(60) % 2
     p = y * 0.3 + rng.uniform(0, 0.7, 60)  # overlapping classes: figures vary with the seed
@@ -41,7 +42,8 @@ def _card(seed: int, test_origin: str = "carved", robustness: dict | None = None
     decision = decide(evaluation.metrics, GateThresholds(0.5, 0.5))
     summary = {"data_root": "/data", "manifest_hash": "abc", "image_size": 16,
                "split_counts": {"test": {"NORMAL": 30, "PNEUMONIA": 30}},
-               "split_origins": split_provenance(_manifest(test_origin)), "balancing": "none"}
+               "split_origins": split_provenance(_manifest(test_origin)), "balancing": "none",
+               **extra}
     return render_model_card("cxr-pneumonia", None, evaluation,
                              ThresholdChoice(0.5, 0.96, 0.5, 0.7, 0.95, 20, 20), decision,
                              summary, {"blocks": 3}, "quick", robustness=robustness)
@@ -62,6 +64,28 @@ def test_card_states_given_or_carved_split_origin() -> None:
     assert "| test | folder | 3 | given" in given and GIVEN_TEST_LIMITATION in given
     assert CARVED_TEST_LIMITATION not in given
     assert "| val | carved | 2 |" in given  # each split says where it came from
+
+
+def test_card_has_a_shortcut_audit_flagging_scores_above_the_warning_level() -> None:
+    from cxr_core.config import ExperimentConfig
+    from cxr_core.lifecycle.tracking import shortcut_summary
+
+    rows = 40
+    manifest = pd.DataFrame({
+        "split": ["train"] * rows, "label": ["NORMAL", "PNEUMONIA"] * (rows // 2),
+        "readable": True,
+        "annotation_top_px": [0.0, 30.0] * (rows // 2),          # text marks PNEUMONIA
+        "annotation_side_px": np.random.default_rng(0).uniform(0, 5, rows),
+        "abdomen_fraction": [0.2] * rows})
+    cfg = ExperimentConfig.model_validate({"train": {"mask_annotations": "borders",
+                                                     "lung_crop": {"bottom": 0.15}}})
+    summary = shortcut_summary(cfg, manifest)
+    card = _card(1, **summary)
+    section = card.split("## Shortcut audit", 1)[1].split("\n## ", 1)[0]
+    assert "| annotation_top_px | train | 1.000 | PNEUMONIA | **above 0.75** |" in section
+    assert "| abdomen_fraction | train | 0.500 | neither | |" in section
+    assert "annotation mask `borders`" in section and "bottom 0.15" in section
+    assert "No shortcut scores were audited" in _card(1).split("## Shortcut audit", 1)[1]
 
 
 def test_split_provenance_counts_usable_labelled_images() -> None:

@@ -60,3 +60,29 @@ def make_good_dataset(root: Path, n_patients: int = 8, imgs: int = 2, seed0: int
                 seed += 1
                 write_image(root / split / "PNEUMONIA" / f"person{pid}_bacteria_{seed}.jpeg", seed)
     return root
+
+
+def chest_like(lung_bottom: float = 0.75, seed: int = 0, size: int = 224) -> np.ndarray:
+    """A square uint8 'X-ray': dark air outside the body, soft tissue, two dark lung fields
+    from 20% of the height down to ``lung_bottom``, bright abdomen below, a little noise."""
+    S = size
+    rng = np.random.default_rng(seed)
+    img = np.full((S, S), 20.0)
+    img[:, int(0.06 * S):int(0.94 * S)] = 150  # the body
+    yy, xx = np.mgrid[0:S, 0:S] / S
+    top, bottom = 0.2, lung_bottom
+    cy, ry = (top + bottom) / 2, (bottom - top) / 2
+    for cx in (0.32, 0.68):
+        img[((yy - cy) / ry) ** 2 + ((xx - cx) / 0.14) ** 2 <= 1] = 60
+    img[int(bottom * S) + 3:, int(0.06 * S):int(0.94 * S)] = 190  # abdomen under the domes
+    return np.clip(img + rng.normal(0, 3, img.shape), 0, 255).astype(np.uint8)
+
+
+def with_text(img: np.ndarray, text: str, xy: tuple[int, int], level: int = 240,
+              size: int = 14) -> np.ndarray:
+    """``img`` with ``text`` burned in (as a scanner writes markers), top-left at ``xy``."""
+    from PIL import ImageDraw, ImageFont
+
+    pil = Image.fromarray(img)
+    ImageDraw.Draw(pil).text(xy, text, fill=level, font=ImageFont.load_default(size=size))
+    return np.asarray(pil)
