@@ -98,18 +98,20 @@ OPTIONS: dict[str, dict[str, Any]] = {
                  "config": {}, "hp": {"blocks": 4, "convs_per_block": 2, "residual": True}},
     "long": {"about": "longer training: 30 epochs at most, patience 8",
              "config": {"train": {"epochs": 30, "early_stopping_patience": 8}}},
-    # Shortcut mitigations (issue 12, part 2) being added by another change; names are not
-    # final. Uncomment once the settings exist in cxr_core/config.py:
-    # "mask-borders": {"about": "burned-in border annotations masked at load",
-    #                  "config": {"data": {"mask_border_annotations": True}}},
-    # "lung-crop": {"about": "crop that keeps the lung fields",
-    #               "config": {"data": {"lung_crop": True}}},
-    # "marker-augment": {"about": "synthetic markers and text pasted onto both classes",
-    #                    "config": {"balance": {"augment": {"synthetic_markers": 0.5}}}},
+    # Shortcut mitigations (issue 12, part 2): layers in the model, or training-only markers.
+    "mask-corners": {"about": "top-corner annotations filled with the image mean, in the model",
+                     "config": {"train": {"mask_annotations": "corners"}}},
+    "mask-borders": {"about": "top corners and side strips filled with the image mean",
+                     "config": {"train": {"mask_annotations": "borders"}}},
+    "lung-crop": {"about": "crop keeping the lung fields: 8% top, 20% bottom, 5% sides cut",
+                  "config": {"train": {"lung_crop": {"top": 0.08, "bottom": 0.2, "sides": 0.05}}}},
+    "marker-augment": {"about": "synthetic markers and text pasted onto both classes (p 0.5)",
+                       "config": {"balance": {"augment": {"synthetic_marker_prob": 0.5}}}},
 }
 # What runs without --options: each option at its own size, plus input resolution.
 DEFAULT_OPTIONS = ("baseline", "full-profile", "baseline@96", "baseline@192", "baseline@224",
-                   "geo-strong", "wide", "deep", "residual", "long")
+                   "geo-strong", "wide", "deep", "residual", "long", "mask-corners",
+                   "mask-borders", "lung-crop", "marker-augment")
 
 
 def resolve_option(name: str) -> dict[str, Any]:
