@@ -276,7 +276,8 @@ def gate_stage(evaluated: EvaluatedModel, cfg: ExperimentConfig,
     return decide(evaluated.evaluation.metrics, thresholds_from_config(cfg.gates), comparisons,
                   champion_version, robust_worst_accuracy=evaluated.robustness.get(
                       "robust_worst_accuracy"),
-                  external={name: ev.metrics for name, ev in evaluated.external.items()})
+                  external={name: ev.metrics for name, ev in
+                            (getattr(evaluated, "external", None) or {}).items()})
 
 
 def start_tracking(client: Any, experiment_name: str, cfg: ExperimentConfig, run_dir: Path,
@@ -330,9 +331,11 @@ def register_stage(client: Any, refs: TrackingRefs, model_name: str, decision: A
     from cxr_core.lifecycle.registry import register_if_blessed
 
     point = evaluated.evaluation.point()
-    extra = external_tags(evaluated.external)
-    if evaluated.site_threshold is not None:
-        extra.update(evaluated.site_threshold.tags())
+    # getattr: evaluations made before external sets existed (or stand-ins) have none.
+    extra = external_tags(getattr(evaluated, "external", None) or {})
+    site = getattr(evaluated, "site_threshold", None)
+    if site is not None:
+        extra.update(site.tags())
     version = register_if_blessed(
         client, model_name, refs.final_run_id, decision, trained.threshold.threshold,
         manifest_hash, {k: point[k] for k in ("accuracy", "recall", "specificity", "roc_auc")
