@@ -22,6 +22,19 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# External set names become folder names, metric names (external_<name>_recall) and tag
+# keys: lowercase letters, digits, '_' and '-' only.
+EXTERNAL_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,49}$"
+
+
+class ExternalSetConfig(_Section):
+    """A labelled image folder from another site or device, scored after training (never
+    fitted, tuned, early-stopped or thresholded on)."""
+
+    name: str = Field(pattern=EXTERNAL_NAME_PATTERN)
+    path: str = Field(min_length=1)
+
+
 class DataConfig(_Section):
     image_size: int = Field(128, ge=16, le=1024)
     val_fraction: float = Field(0.15, gt=0, lt=0.5)
@@ -32,6 +45,16 @@ class DataConfig(_Section):
     # several tuner workers share one machine.
     intra_op_threads: int = Field(0, ge=0)
     inter_op_threads: int = Field(0, ge=0)
+    # External validation sets (cxr run --external NAME=DIR adds to or replaces by name).
+    external: tuple[ExternalSetConfig, ...] = ()
+
+    @model_validator(mode="after")
+    def _unique_external_names(self) -> DataConfig:
+        names = [s.name for s in self.external]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"external set name(s) given twice: {', '.join(twice)}")
+        return self
 
 
 class ValidationConfig(_Section):
@@ -136,6 +159,14 @@ class TrainConfig(_Section):
     lung_crop: LungCropConfig = LungCropConfig()
 
 
+class ExternalGateConfig(_Section):
+    """Minimums one external set must reach at the model's threshold (each optional)."""
+
+    min_accuracy: float | None = Field(None, ge=0, le=1)
+    min_recall: float | None = Field(None, ge=0, le=1)
+    min_roc_auc: float | None = Field(None, ge=0, le=1)
+
+
 class GateConfig(_Section):
     min_recall: float = Field(0.95, ge=0, le=1)
     min_accuracy: float = Field(0.90, ge=0, le=1)
@@ -143,6 +174,8 @@ class GateConfig(_Section):
     regression_alpha: float = Field(0.05, gt=0, lt=1)   # McNemar vs the champion
     min_robust_accuracy: float | None = Field(None, ge=0, le=1)  # off unless set
     recall_target_for_threshold: float = Field(0.97, ge=0, le=1)
+    # External set name -> its minimums; every name must be an external set of the run.
+    external: dict[str, ExternalGateConfig] = Field(default_factory=dict)
 
 
 class ExperimentConfig(_Section):

@@ -1,6 +1,7 @@
 """The retraining pipeline as plain functions, one per flow stage:
 
-validate -> balance -> tune -> train -> evaluate -> gate -> track & register.
+validate (+ external sets scanned) -> balance -> tune -> train -> evaluate (+ external sets
+scored) -> gate -> track & register.
 
 Each stage is a few lines over :mod:`cxr_core.data`, :mod:`cxr_core.training`,
 :mod:`cxr_core.evaluation` and :mod:`cxr_core.lifecycle`, and takes and returns plain values
@@ -174,6 +175,86 @@ def evaluate_stage(run_dir: Path, cfg: ExperimentConfig, manifest_path: Path,
                                with_figures=with_figures)
 
 
+@dataclass
+class ExternalData:
+    """The run's external sets and site-calibration sample, scanned and checked before any
+    training (reports under ``run_dir/evaluation/external/<name>/`` and
+    ``run_dir/evaluation/site_calibration/``)."""
+
+    sets: dict[str, Any]  # name -> cxr_core.data.external.ExternalScan
+    calibration: Any | None = None  # an ExternalScan, or None
+
+    def findings(self) -> list[str]:
+        """Warnings worth logging: excluded files, images and patients shared with the run."""
+        scans = [*self.sets.values(), *([self.calibration] if self.calibration else [])]
+        return [line for scan in scans for line in scan.findings()]
+
+    def summary(self) -> dict[str, dict[str, Any]]:
+        """Per set: folder, images scored, files excluded, shared files and patients."""
+        return {name: {"root": s.report["root"], "scored": s.report["scored"],
+                       "excluded": len(s.report["excluded"]),
+                       "shared_files": s.report["shared_files"]["count"],
+                       "shared_patients": s.report["shared_patients"]["count"]}
+                for name, s in self.sets.items()}
+
+
+EXTERNAL_DIR = Path("evaluation") / "external"
+SITE_CALIBRATION_DIR = Path("evaluation") / "site_calibration"
+
+
+def external_scan_stage(sets: dict[str, str], calibration: str | None, manifest_path: Path,
+                        cfg: ExperimentConfig, run_dir: Path) -> ExternalData:
+    """Scan and check every external set and the calibration sample against the run's
+    manifest (before any training: a bad set fails the run early). InputError for a set
+    without both classes, or a calibration sample sharing images with an evaluation set."""
+    from cxr_core.data.external import (
+        CALIBRATION,
+        check_calibration_disjoint,
+        scan_external_set,
+        write_scan,
+    )
+    from cxr_core.data.manifest import read_manifest
+
+    run_manifest = read_manifest(manifest_path)
+    workers = cfg.data.scan_workers
+    scans = {name: scan_external_set(name, folder, run_manifest, workers)
+             for name, folder in sorted(sets.items())}
+    for name, scan in scans.items():
+        write_scan(scan, Path(run_dir) / EXTERNAL_DIR / name)
+    cal = None
+    if calibration:
+        cal = scan_external_set(CALIBRATION, calibration, run_manifest, workers)
+        check_calibration_disjoint(cal, scans, run_manifest)
+        write_scan(cal, Path(run_dir) / SITE_CALIBRATION_DIR)
+    return ExternalData(scans, cal)
+
+
+def external_stage(run_dir: Path, cfg: ExperimentConfig, evaluated: EvaluatedModel,
+                   data: ExternalData) -> EvaluatedModel:
+    """Score each external set at the model's threshold (``evaluation/external/<name>/``) and,
+    with a calibration sample, choose the site threshold (``model/site_threshold.json``,
+    beside the unchanged ``threshold.json``). Runs after the model and threshold exist."""
+    import dataclasses
+
+    from cxr_core.evaluation.external import choose_site_threshold, save_site_threshold, score_external
+    from cxr_core.lifecycle.predict import load_model_dir
+
+    if not data.sets and data.calibration is None:
+        return evaluated
+    loaded = load_model_dir(Path(run_dir) / "model")
+    external = {name: score_external(loaded.model, loaded.threshold, name, scan.usable,
+                                     cfg.data.image_size, Path(run_dir) / EXTERNAL_DIR / name,
+                                     cfg.seed).evaluation
+                for name, scan in data.sets.items()}
+    site = None
+    if data.calibration is not None:
+        site = choose_site_threshold(loaded.model, data.calibration.usable, cfg.data.image_size,
+                                     cfg.gates.recall_target_for_threshold,
+                                     data.calibration.root, Path(run_dir) / SITE_CALIBRATION_DIR)
+        save_site_threshold(Path(run_dir) / "model", site)
+    return dataclasses.replace(evaluated, external=external, site_threshold=site)
+
+
 def compare_stage(client: Any, model_name: str,
                   candidate_predictions: Path) -> tuple[Any | None, str | None]:
     """(ChampionComparison or None, champion version or None): the candidate against the
@@ -194,7 +275,9 @@ def gate_stage(evaluated: EvaluatedModel, cfg: ExperimentConfig,
 
     return decide(evaluated.evaluation.metrics, thresholds_from_config(cfg.gates), comparisons,
                   champion_version, robust_worst_accuracy=evaluated.robustness.get(
-                      "robust_worst_accuracy"))
+                      "robust_worst_accuracy"),
+                  external={name: ev.metrics for name, ev in
+                            (getattr(evaluated, "external", None) or {}).items()})
 
 
 def start_tracking(client: Any, experiment_name: str, cfg: ExperimentConfig, run_dir: Path,
@@ -213,26 +296,50 @@ def live_tracking(tracking_uri: str, refs: TrackingRefs, validated: ValidatedDat
                         standard_tags(validated.manifest_hash, validated.data_root, cfg.profile))
 
 
+def external_inputs(data: ExternalData | None) -> list[Any]:
+    """The external sets (context ``external``) and the calibration sample (context
+    ``calibration``) as MLflow dataset inputs."""
+    from cxr_core.data.manifest import manifest_hash
+    from cxr_core.lifecycle.tracking import DataInput
+
+    if data is None:
+        return []
+    inputs = [DataInput(f"external-{name}", s.manifest, manifest_hash(s.manifest), s.root,
+                        "external") for name, s in data.sets.items()]
+    if data.calibration is not None:
+        cal = data.calibration
+        inputs.append(DataInput("site-calibration", cal.manifest, manifest_hash(cal.manifest),
+                                cal.root, "calibration"))
+    return inputs
+
+
 def log_results(client: Any, refs: TrackingRefs, model_name: str, cfg: ExperimentConfig,
                 run_dir: Path, validated: ValidatedData, trials: list[Any], trained: Any,
-                evaluated: EvaluatedModel, decision: Any) -> TrackingRefs:
-    """Trials as nested runs and the final training run with its model (see
-    :func:`cxr_core.lifecycle.tracking.log_pipeline_results`)."""
+                evaluated: EvaluatedModel, decision: Any,
+                external: ExternalData | None = None) -> TrackingRefs:
+    """Trials as nested runs and the final training run with its model, the external sets
+    as further dataset inputs (see :func:`cxr_core.lifecycle.tracking.log_pipeline_results`)."""
     return log_pipeline_results(client, refs, model_name, cfg, run_dir, validated, trials,
-                                trained, evaluated, decision)
+                                trained, evaluated, decision, external_inputs(external))
 
 
 def register_stage(client: Any, refs: TrackingRefs, model_name: str, decision: Any,
                    trained: Any, evaluated: EvaluatedModel, manifest_hash: str) -> TrackingRefs:
     """Register the final run's model when the gates passed (idempotent: a retry finds the
     version it already created), then end the parent run."""
+    from cxr_core.evaluation.external import external_tags
     from cxr_core.lifecycle.registry import register_if_blessed
 
     point = evaluated.evaluation.point()
+    # getattr: evaluations made before external sets existed (or stand-ins) have none.
+    extra = external_tags(getattr(evaluated, "external", None) or {})
+    site = getattr(evaluated, "site_threshold", None)
+    if site is not None:
+        extra.update(site.tags())
     version = register_if_blessed(
         client, model_name, refs.final_run_id, decision, trained.threshold.threshold,
         manifest_hash, {k: point[k] for k in ("accuracy", "recall", "specificity", "roc_auc")
-                        if k in point})
+                        if k in point}, extra_tags=extra)
     if version:
         client.set_tag(refs.parent_run_id, "cxr.model_version", version)
     client.set_terminated(refs.parent_run_id, "FINISHED")

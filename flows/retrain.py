@@ -1,4 +1,5 @@
-"""The retraining flow: validate -> balance -> tune -> train -> evaluate -> gate -> register."""
+"""The retraining flow: validate -> balance -> tune -> train -> evaluate -> gate -> register,
+with external sets scanned beside validation and scored after evaluation."""
 
 from __future__ import annotations
 
@@ -37,8 +38,11 @@ def ensure_demo_data(settings: Settings, n_per_class: int, size: int, seed: int)
     return root
 
 
-def _summary_markdown(result: dict[str, Any], decision: Any, evaluation: Any) -> str:
-    from cxr_core.lifecycle.model_card import metrics_table
+def _summary_markdown(result: dict[str, Any], decision: Any, evaluation: Any,
+                      external: dict[str, Any] | None = None) -> str:
+    """The Prefect summary: registry outcome, test metrics, external sets (with the gap to
+    the test split), gates."""
+    from cxr_core.lifecycle.model_card import external_section, metrics_table
 
     version = result.get("model_version")
     return f"""# cxr retrain: {'registered version ' + version if version else 'not registered'}
@@ -50,6 +54,9 @@ def _summary_markdown(result: dict[str, Any], decision: Any, evaluation: Any) ->
 ## Test metrics (at threshold {result['threshold']:.4f}, 95% bootstrap intervals)
 {metrics_table(evaluation)}
 
+## External validation
+{external_section(evaluation, external)}
+{_site_line(result.get('site_threshold'))}
 ## Gates
 ```
 {decision.summary()}
@@ -57,20 +64,32 @@ def _summary_markdown(result: dict[str, Any], decision: Any, evaluation: Any) ->
 """
 
 
+def _site_line(site: dict[str, Any] | None) -> str:
+    if not site:
+        return ""
+    return (f"\nSite threshold {site['threshold']:.4f} for `{site['source']}` ({site['images']} "
+            f"images: recall {site['recall']:.3f}, specificity {site['specificity']:.3f}); the "
+            "model's own threshold is unchanged.\n")
+
+
 @flow(name="retrain", log_prints=True)
 def retrain_flow(data_dir: str | None = None, profile: str | None = None,
                  config: str | None = None, tuner_workers: int = 0,
-                 resume: str | None = None) -> dict[str, Any]:
+                 resume: str | None = None, external: dict[str, str] | None = None,
+                 calibration: str | None = None) -> dict[str, Any]:
     """Retrain on ``data_dir`` (default: the synthetic demo set) with a config profile
     (default: 'full' with a data folder, 'quick' without); ends Failed with the reason when
     validation or the gates reject. ``tuner_workers`` > 0 runs the search distributed: that
     many workers as runs of the tuner-worker deployment (e.g. on the gpu pool), the chief
     beside this flow. ``resume`` names an earlier run (its work directory under <home>/runs)
     to continue with the data folder, profile and config it started with: completed tuner
-    trials are not rerun, and changed data is refused."""
+    trials are not rerun, and changed data is refused. ``external``: name -> folder of
+    external validation sets (merged over the config's ``data.external``), scored after
+    training; ``calibration``: a labelled sample of the deployment site, on which a site
+    threshold is chosen beside the model's own. Both are checked before anything runs."""
     logger = get_run_logger()
     settings = get_settings()
-    spec = open_run(settings, data_dir, profile, config, resume)
+    spec = open_run(settings, data_dir, profile, config, resume, external, calibration)
     logger.info("run dir %s, data %s, profile %s, tracking %s", spec.run_dir, spec.data_dir,
                 spec.profile, settings.mlflow_tracking_uri)
     logger.info("if this run is interrupted, continue it with: %s", spec.resume_command)
@@ -82,18 +101,24 @@ def retrain_flow(data_dir: str | None = None, profile: str | None = None,
 
 
 def open_run(settings: Settings, data_dir: str | None, profile: str | None,
-             config: str | None, resume: str | None) -> RunSpec:
+             config: str | None, resume: str | None, external: dict[str, str] | None = None,
+             calibration: str | None = None) -> RunSpec:
     """The run to work in: the stored inputs of ``resume`` (explicit ones must agree), or a
-    new work directory recording these inputs (the demo data set when ``data_dir`` is None)."""
+    new work directory recording these inputs (the demo data set when ``data_dir`` is None).
+    External sets and the calibration folder are checked here, before anything runs."""
+    from cxr_core.data.external import check_calibration_folder, resolve_external_sets
+
     if resume:
         spec = load_run(settings.runs_dir, resume)
-        check_resume_args(spec, data_dir, profile, config)
+        check_resume_args(spec, data_dir, profile, config, external, calibration)
         return spec
     profile = profile or default_profile(data_dir)
     cfg = load_config(Path(config) if config else None, profile)
+    sets = resolve_external_sets(cfg, external)
+    site = check_calibration_folder(calibration) if calibration else None
     data = Path(data_dir) if data_dir else ensure_demo_data(
         settings, cfg.synth.n_per_class, cfg.synth.size, cfg.seed)
-    return create_run(settings.runs_dir, data, profile, cfg)
+    return create_run(settings.runs_dir, data, profile, cfg, sets, site)
 
 
 @dataclass
@@ -108,6 +133,7 @@ class _Outcome:
     evaluated: Any
     decision: Any
     timings: dict[str, float]
+    external: Any = None  # stages.ExternalData
 
 
 def _retrain(settings: Settings, spec: RunSpec, tuner_workers: int, resumed: bool) -> dict[str, Any]:
@@ -147,6 +173,9 @@ def _stages(settings: Settings, spec: RunSpec, cfg: Any, refs: Any, tuner_worker
             tasks.check_resume_data(spec, cfg, fingerprint)
         validated = tasks.validated_data(spec.data_dir, cfg, run_dir)
         spec = record_data(spec, validated.manifest_hash, fingerprint)
+        # Scanned now (a bad set fails before training), scored only once the model exists.
+        external = tasks.scan_external(spec.external, spec.calibration, validated.manifest_path,
+                                       cfg, run_dir)
     live = stages.live_tracking(uri, refs, validated, cfg)  # trials and training log as they run
     with _timed(timings, "balance"):
         prepared = tasks.balance(validated.manifest_path, cfg, run_dir)
@@ -166,14 +195,15 @@ def _stages(settings: Settings, spec: RunSpec, cfg: Any, refs: Any, tuner_worker
         trained = tasks.train(run_dir, cfg, best_hp, live)
     with _timed(timings, "evaluate"):
         evaluated = tasks.evaluate(run_dir, cfg, prepared)
+        evaluated = tasks.score_external(run_dir, cfg, evaluated, external)
         comparisons, champion = tasks.compare_with_champion(uri, model_name, evaluated.predictions_path)
         decision = tasks.gate(evaluated, cfg, comparisons, champion)
     with _timed(timings, "log_and_register"):
         refs = tasks.log_results(uri, refs, model_name, cfg, run_dir, validated, trials, trained,
-                                 evaluated, decision)
+                                 evaluated, decision, external)
         refs = tasks.register(uri, refs, model_name, decision, trained, evaluated,
                               validated.manifest_hash)
-    return _Outcome(spec, refs, uploaded, trials, trained, evaluated, decision, timings)
+    return _Outcome(spec, refs, uploaded, trials, trained, evaluated, decision, timings, external)
 
 
 def _result(settings: Settings, o: _Outcome) -> dict[str, Any]:
@@ -192,6 +222,9 @@ def _result(settings: Settings, o: _Outcome) -> dict[str, Any]:
         "gate_passed": o.decision.passed,
         "data_artifacts": o.uploaded,
         "test_metrics": o.evaluated.evaluation.point(),
+        "external_metrics": {name: ev.point() for name, ev in o.evaluated.external.items()},
+        "external_sets": o.external.summary() if o.external else {},
+        "site_threshold": _site_result(o.evaluated.site_threshold),
         "robust_worst": {k.removeprefix("robust_worst_"): v
                          for k, v in o.evaluated.robustness.items()
                          if k.startswith("robust_worst_")},
@@ -202,10 +235,19 @@ def _result(settings: Settings, o: _Outcome) -> dict[str, Any]:
     }
 
 
+def _site_result(site: Any | None) -> dict[str, Any] | None:
+    """The site threshold for the result (None without a calibration sample)."""
+    if site is None:
+        return None
+    return {"threshold": site.threshold, "recall": site.recall, "specificity": site.specificity,
+            "images": site.images, "source": site.source}
+
+
 def _publish_artifacts(result: dict[str, Any], o: _Outcome) -> None:
     """Prefect artifacts: the summary, the test metrics and the tuner trials."""
     create_markdown_artifact(key="retrain-summary",
-                             markdown=_summary_markdown(result, o.decision, o.evaluated.evaluation),
+                             markdown=_summary_markdown(result, o.decision, o.evaluated.evaluation,
+                                                        o.evaluated.external),
                              description="Test metrics, gate decision and registry outcome")
     create_table_artifact(key="test-metrics", table=[
         {"metric": k, "value": round(iv.value, 4), "ci_low": round(iv.low, 4),

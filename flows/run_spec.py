@@ -1,12 +1,13 @@
 """What a retrain run was started with, kept in its work directory: the data folder, the
-profile and the resolved config, and once the data is validated its manifest hash. A resume
+profile, the resolved config, the external sets and site-calibration sample, and once the
+data is validated its manifest hash. A resume
 (`cxr run --resume RUN`) reuses them, so the one-word command continues exactly that run,
 and it refuses when the data changed since."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from cxr_core.config import ExperimentConfig, load_config
@@ -19,13 +20,17 @@ CONFIG_FILE = "config.yaml"
 @dataclass(frozen=True)
 class RunSpec:
     """A run's inputs. ``manifest_hash`` (content of the data set) and ``data_fingerprint``
-    (its file listing) are recorded after the first successful validation."""
+    (its file listing) are recorded after the first successful validation. ``external``:
+    external set name -> absolute folder (the config's list merged with --external);
+    ``calibration``: the site-calibration sample's folder, if any."""
 
     run_dir: Path
     data_dir: Path
     profile: str
     manifest_hash: str | None = None
     data_fingerprint: str | None = None
+    external: dict[str, str] = field(default_factory=dict)
+    calibration: str | None = None
 
     @property
     def name(self) -> str:
@@ -50,13 +55,17 @@ def default_profile(data_dir: object | None) -> str:
     return "full" if data_dir else "quick"
 
 
-def create_run(runs_dir: Path, data_dir: Path, profile: str, cfg: ExperimentConfig) -> RunSpec:
-    """A new work directory holding the run's spec and its resolved config."""
+def create_run(runs_dir: Path, data_dir: Path, profile: str, cfg: ExperimentConfig,
+               external: dict[str, str] | None = None, calibration: str | None = None) -> RunSpec:
+    """A new work directory holding the run's spec (with its external sets and calibration
+    sample, already resolved: :func:`cxr_core.data.external.resolve_external_sets`) and its
+    resolved config."""
     import yaml
 
     from cxr_core.stages import new_run_dir
 
-    spec = RunSpec(new_run_dir(runs_dir), Path(data_dir).resolve(), profile)
+    spec = RunSpec(new_run_dir(runs_dir), Path(data_dir).resolve(), profile,
+                   external=dict(external or {}), calibration=calibration)
     spec.config_path.write_text(
         yaml.safe_dump(cfg.model_dump(mode="json", exclude={"profile"}), sort_keys=False),
         encoding="utf-8")
@@ -75,7 +84,8 @@ def load_run(runs_dir: Path, name: str) -> RunSpec:
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
         return RunSpec(run_dir, Path(raw["data_dir"]), raw["profile"], raw.get("manifest_hash"),
-                       raw.get("data_fingerprint"))
+                       raw.get("data_fingerprint"), dict(raw.get("external") or {}),
+                       raw.get("calibration"))
     except FileNotFoundError:
         raise InputError(f"cannot resume {name!r}: {path} is missing (a run started before "
                          "runs recorded their inputs, or not a run folder)") from None
@@ -84,10 +94,11 @@ def load_run(runs_dir: Path, name: str) -> RunSpec:
 
 
 def check_resume_args(spec: RunSpec, data_dir: str | Path | None, profile: str | None,
-                      config: str | Path | None) -> None:
+                      config: str | Path | None, external: dict[str, str] | None = None,
+                      calibration: str | Path | None = None) -> None:
     """A resume reuses the run's inputs; explicit ones that differ are refused (they would
-    silently mix two experiments in one tuner directory)."""
-    conflicts = []
+    silently mix two experiments in one tuner directory, or judge it on other sets)."""
+    conflicts = _external_conflicts(spec, external, calibration)
     if data_dir is not None and Path(data_dir).resolve() != spec.data_dir:
         conflicts.append(f"data folder {data_dir} (the run's: {spec.data_dir})")
     if profile is not None and profile != spec.profile:
@@ -97,6 +108,18 @@ def check_resume_args(spec: RunSpec, data_dir: str | Path | None, profile: str |
     if conflicts:
         raise InputError(f"cannot resume {spec.name} with a different " + "; ".join(conflicts)
                          + f". Resume with `{spec.resume_command}` alone, or start a new run")
+
+
+def _external_conflicts(spec: RunSpec, external: dict[str, str] | None,
+                        calibration: str | Path | None) -> list[str]:
+    conflicts = []
+    for name, folder in sorted((external or {}).items()):
+        if spec.external.get(name) != str(Path(folder).resolve()):
+            conflicts.append(f"external set {name}={folder} (the run's: "
+                             f"{spec.external.get(name) or 'none of that name'})")
+    if calibration is not None and str(Path(calibration).resolve()) != spec.calibration:
+        conflicts.append(f"calibration {calibration} (the run's: {spec.calibration or 'none'})")
+    return conflicts
 
 
 def check_data_unchanged(spec: RunSpec, cfg: ExperimentConfig, fingerprint: str) -> None:

@@ -37,7 +37,9 @@ def _validation_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     from cxr_core.data.manifest import listing_fingerprint
 
     cfg: ExperimentConfig = parameters["cfg"]
-    settings = cfg.model_dump_json(include={"seed", "data", "validation"})
+    # External sets are scanned by their own task: adding one does not re-validate the data.
+    settings = cfg.model_dump_json(include={"seed", "data", "validation"},
+                                   exclude={"data": {"external"}})
     return "validate-" + hashlib.sha256(
         (listing_fingerprint(parameters["data_dir"]) + settings).encode()).hexdigest()
 
@@ -83,6 +85,24 @@ def evaluate(run_dir: Path, cfg: ExperimentConfig, manifest_path: Path) -> stage
     return stages.evaluate_stage(run_dir, cfg, manifest_path)
 
 
+@task(name="scan-external", **COMPUTE)
+def scan_external(sets: dict[str, str], calibration: str | None, manifest_path: Path,
+                  cfg: ExperimentConfig, run_dir: Path) -> stages.ExternalData:
+    """Scan and check the external sets and the calibration sample (before any training);
+    every finding (excluded files, images or patients shared with the run) is a warning."""
+    data = stages.external_scan_stage(sets, calibration, manifest_path, cfg, run_dir)
+    for line in data.findings():
+        get_run_logger().warning("external data: %s", line)
+    return data
+
+
+@task(name="score-external", **COMPUTE)
+def score_external(run_dir: Path, cfg: ExperimentConfig, evaluated: stages.EvaluatedModel,
+                   data: stages.ExternalData) -> stages.EvaluatedModel:
+    """Score the external sets at the model's threshold; choose the site threshold."""
+    return stages.external_stage(run_dir, cfg, evaluated, data)
+
+
 @task(name="start-tracking", **IO_RETRIES)
 def start_tracking(tracking_uri: str, experiment: str, cfg: ExperimentConfig, run_dir: Path,
                    data_dir: Path, artifact_location: str | None) -> stages.TrackingRefs:
@@ -113,9 +133,9 @@ def gate(evaluated: stages.EvaluatedModel, cfg: ExperimentConfig, comparisons: A
 def log_results(tracking_uri: str, refs: stages.TrackingRefs, model_name: str,
                 cfg: ExperimentConfig, run_dir: Path, validated: stages.ValidatedData,
                 trials: list[Any], trained: Any, evaluated: stages.EvaluatedModel,
-                decision: Any) -> stages.TrackingRefs:
+                decision: Any, external: stages.ExternalData | None = None) -> stages.TrackingRefs:
     return stages.log_results(mlflow_client(tracking_uri), refs, model_name, cfg, run_dir,
-                               validated, trials, trained, evaluated, decision)
+                               validated, trials, trained, evaluated, decision, external)
 
 
 @task(name="register", **IO_RETRIES)

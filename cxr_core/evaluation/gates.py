@@ -33,6 +33,8 @@ class GateThresholds:
     use_lower_ci_bound: bool = False
     regression_alpha: float = 0.05
     min_robust_accuracy: float | None = None  # worst accuracy over acquisition shifts
+    # External set name -> metric (accuracy, recall, roc_auc) -> minimum on that set.
+    external: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -134,13 +136,17 @@ def decide(
     comparisons: Sequence[PairedComparison] | ChampionComparison | None = None,
     champion_version: str | None = None,
     robust_worst_accuracy: float | None = None,
+    external: Mapping[str, Mapping[str, _IntervalLike]] | None = None,
 ) -> GateDecision:
     """Judge a candidate. ``comparisons`` (against the champion on the same test images) are
     None when there is no champion: the value checks alone decide then; a
     :class:`ChampionComparison` also carries the shared-image count and, when it was skipped,
     why (a note). With ``thresholds.min_robust_accuracy`` set, the worst accuracy over the
-    robustness report's acquisition shifts must reach it too."""
+    robustness report's acquisition shifts must reach it too. ``external``: set name ->
+    its metrics, judged against ``thresholds.external`` (a set with a gate but no metrics
+    fails its checks)."""
     checks = _value_checks(candidate, thresholds, robust_worst_accuracy)
+    checks += _external_checks(external or {}, thresholds)
     notes: list[str] = []
     shared = None
     if isinstance(comparisons, ChampionComparison):
@@ -179,6 +185,27 @@ def _value_checks(candidate: Mapping[str, _IntervalLike], thresholds: GateThresh
     return checks
 
 
+def _external_checks(external: Mapping[str, Mapping[str, _IntervalLike]],
+                     thresholds: GateThresholds) -> list[GateCheck]:
+    """One check per configured minimum of each external set, named
+    ``external_<set>_min_<metric>``; the lower interval bound when the thresholds say so."""
+    checks = []
+    bound = "lower 95% bound" if thresholds.use_lower_ci_bound else "point value"
+    for name, minimums in sorted(thresholds.external.items()):
+        for metric, minimum in sorted(minimums.items()):
+            check = f"external_{name}_min_{metric}"
+            interval = (external.get(name) or {}).get(metric)
+            if interval is None:
+                checks.append(GateCheck(check, None, minimum, ">=", False,
+                                        f"external set {name!r}: {metric} was not measured"))
+                continue
+            value = interval.low if thresholds.use_lower_ci_bound else interval.value
+            ok = value is not None and np.isfinite(value) and value >= minimum
+            checks.append(GateCheck(check, float(value), minimum, ">=", bool(ok),
+                                    f"external set {name!r}, {bound}"))
+    return checks
+
+
 def _regression_checks(comparisons: Sequence[PairedComparison], alpha: float) -> list[GateCheck]:
     checks = []
     for comp in comparisons:
@@ -193,5 +220,8 @@ def _regression_checks(comparisons: Sequence[PairedComparison], alpha: float) ->
 
 def thresholds_from_config(cfg: Any) -> GateThresholds:
     """GateThresholds from the experiment config's ``gates`` section."""
+    external = {name: {metric.removeprefix("min_"): value
+                       for metric, value in gate.model_dump().items() if value is not None}
+                for name, gate in (getattr(cfg, "external", None) or {}).items()}
     return GateThresholds(cfg.min_recall, cfg.min_accuracy, cfg.use_lower_ci_bound,
-                          cfg.regression_alpha, cfg.min_robust_accuracy)
+                          cfg.regression_alpha, cfg.min_robust_accuracy, external)

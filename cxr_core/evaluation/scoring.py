@@ -38,12 +38,16 @@ def score_test_split(model: Any, threshold: float, image_size: int, test: pd.Dat
 
 @dataclass
 class EvaluatedModel:
-    """What the evaluate stage produced: metrics, per-image predictions, figures, robustness."""
+    """What the evaluate stage produced: metrics, per-image predictions, figures, robustness;
+    then, once scored (:func:`cxr_core.stages.external_stage`), each external set's
+    Evaluation and the site threshold chosen on a calibration sample, if any."""
 
     evaluation: Any
     predictions_path: Path
     figures: dict[str, Path] = field(default_factory=dict)
     robustness: dict[str, float] = field(default_factory=dict)  # robust_* metrics
+    external: dict[str, Any] = field(default_factory=dict)  # set name -> Evaluation
+    site_threshold: Any | None = None  # cxr_core.evaluation.external.SiteThreshold
 
 
 def evaluate_test_split(model: Any, threshold: float, test: pd.DataFrame, image_size: int,

@@ -109,6 +109,46 @@ def shortcut_section(data_summary: Mapping[str, Any]) -> str:
             f"| --- | --- | --- | --- | --- |\n{table}\n\nMitigations in this model: {mitigations}.")
 
 
+EXTERNAL_INTRO = ("Image sets from other sites or devices, scored at the model's threshold "
+                  "after training (never used to fit it, select trials, stop early or choose "
+                  "the threshold). Gap: external minus test (negative: worse than the test "
+                  "split suggests).")
+
+
+def gap_table(test: Any, external: Mapping[str, Any]) -> str:
+    """Markdown table: per external set, the gap to the test split of each key metric."""
+    from cxr_core.evaluation.external import GAP_METRICS, gap_to_test
+
+    head = "| external set | n | " + " | ".join(f"{m} gap" for m in GAP_METRICS) + " |"
+    rule = "| --- | --- | " + " | ".join("---" for _ in GAP_METRICS) + " |"
+    rows = []
+    for name, ev in external.items():
+        gap = gap_to_test(test, ev)
+        rows.append(f"| {name} | {ev.n} | " + " | ".join(
+            f"{gap[m]:+.3f}" if m in gap else "n/a" for m in GAP_METRICS) + " |")
+    return "\n".join([head, rule, *rows])
+
+
+def external_section(test: Any, external: Mapping[str, Any] | None) -> str:
+    """The external sets' metrics beside the test split's, and the gaps between them."""
+    if not external:
+        return ("No external set was scored (give one with `cxr run --external NAME=DIR` or "
+                "the config's `data.external`).")
+    rows = metrics_rows({"test split": test, **{f"external: {k}": v for k, v in external.items()}})
+    return f"{EXTERNAL_INTRO}\n\n{rows}\n\n{gap_table(test, external)}"
+
+
+def site_threshold_text(site: Any | None) -> str:
+    """A paragraph on the site threshold, when a calibration sample chose one."""
+    if site is None:
+        return ""
+    return (f"\n\nSite threshold {site.threshold:.4f} for `{site.source}`, chosen by the same rule "
+            f"on {site.images} labelled images of that site ({site.n_positive} PNEUMONIA / "
+            f"{site.n_negative} NORMAL: recall {site.recall:.3f}, specificity "
+            f"{site.specificity:.3f}); the version tag `cxr.site_threshold`, used by "
+            "`cxr predict --threshold site`. The threshold above is unchanged.")
+
+
 def title(name: str, version: str | None) -> str:
     """The card's first line."""
     return f"# Model card: {name}{f' version {version}' if version else ''}"
@@ -137,10 +177,13 @@ def with_registration(card: str, name: str, version: str, aliases: Sequence[str]
 def render_model_card(name: str, version: str | None, evaluation: Any, threshold: Any,
                       decision: Any, data_summary: dict[str, Any], hyperparameters: dict[str, Any],
                       profile: str, aliases: Sequence[str] = (),
-                      robustness: Mapping[str, float] | None = None) -> str:
+                      robustness: Mapping[str, float] | None = None,
+                      external: Mapping[str, Any] | None = None,
+                      site_threshold: Any | None = None) -> str:
     """Markdown model card. ``evaluation`` is a cxr_core.evaluation.metrics.Evaluation,
     ``threshold`` a ThresholdChoice, ``decision`` a GateDecision; ``data_summary`` may carry
-    ``split_origins`` (:func:`split_provenance`); ``robustness`` the robust_* metrics."""
+    ``split_origins`` (:func:`split_provenance`); ``robustness`` the robust_* metrics;
+    ``external`` set name -> Evaluation; ``site_threshold`` a SiteThreshold."""
     splits = "\n".join(f"| {split} | {counts.get('NORMAL', 0)} | {counts.get('PNEUMONIA', 0)} |"
                        for split, counts in data_summary.get("split_counts", {}).items())
     origins = data_summary.get("split_origins") or {}
@@ -165,7 +208,7 @@ Profile `{profile}`. Output: probability of PNEUMONIA.
 {threshold.threshold:.4f}, the highest threshold whose recall on the validation split meets
 {threshold.recall_target:.2f} (validation recall {threshold.recall:.3f}, specificity
 {threshold.specificity:.3f}, on {threshold.n_positive} PNEUMONIA / {threshold.n_negative}
-NORMAL images).
+NORMAL images).{site_threshold_text(site_threshold)}
 
 ## Training data
 Data set `{data_summary.get('data_root')}`, manifest hash `{data_summary.get('manifest_hash')}`.
@@ -189,6 +232,9 @@ Confusion matrix: TN {cm['tn']}, FP {cm['fp']}, FN {cm['fn']}, TP {cm['tp']}.
 
 ## Robustness
 {_robustness_section(robustness)}
+
+## External validation
+{external_section(evaluation, external)}
 
 ## Gates
 ```
@@ -229,6 +275,8 @@ def card_summary(evaluation: Any, decision: Any, data_summary: Mapping[str, Any]
     split_text = ", ".join(f"{split} {sum(c.values())}" for split, c in counts.items()) or "n/a"
     verdict = "PASSED" if decision.passed else "REJECTED"
     failed = ", ".join(c.name for c in decision.failed) or "none"
+    gaps = f"\nGap to the test split (external minus test):\n\n{gap_table(evaluation, external)}\n" \
+        if external else ""
     text = f"""**Intended use.** {INTENDED_USE}
 
 **Data.** `{data_summary.get('data_root')}` (manifest `{str(data_summary.get('manifest_hash'))[:16]}`;
@@ -237,7 +285,7 @@ images per split: {split_text}).
 **Metrics** at the model's threshold, 95% bootstrap intervals:
 
 {metrics_rows({'test split': evaluation, **{f'external: {k}': v for k, v in (external or {}).items()}})}
-
+{gaps}
 **Gates: {verdict}** (failed checks: {failed}{
     f'; compared with champion version {decision.champion_version}' if decision.champion_version else ''}).
 

@@ -14,7 +14,7 @@ import pandas as pd
 
 from cxr_core.data.labels import LABELS
 from cxr_core.data.manifest import JUNK_DIRS, _inspect_all, _is_junk_name, is_image_path
-from cxr_core.errors import CxrError
+from cxr_core.errors import CxrError, InputError
 from cxr_core.training.fit import MODEL_FILE, THRESHOLD_FILE, load_threshold
 
 
@@ -29,6 +29,18 @@ class LoadedModel:
     _predict_file: Any = field(default=None, repr=False, compare=False)
     # The drift reference that travelled with the model (cxr_core.evaluation.drift), if any.
     reference_path: Path | None = field(default=None, compare=False)
+    # The threshold a site-calibration sample chose (site_threshold.json), if any; the
+    # model's own ``threshold`` is what predictions use unless told otherwise.
+    site_threshold: float | None = None
+
+    def at_site_threshold(self) -> LoadedModel:
+        """This model predicting at its site threshold; InputError when it has none."""
+        import dataclasses
+
+        if self.site_threshold is None:
+            raise InputError(f"{self.source}: no site threshold (register a model trained with "
+                           "`cxr run --calibration DIR` to have one)")
+        return dataclasses.replace(self, threshold=self.site_threshold, _predict_file=None)
 
     def predict_file(self, path: str) -> float:
         """Probability for one image file: decode, resize and model in one compiled graph
@@ -76,9 +88,12 @@ def load_model_dir(model_dir: Path, source: str | None = None) -> LoadedModel:
     model = keras.models.load_model(keras_file)
     threshold = load_threshold(threshold_file.parent).threshold
     from cxr_core.evaluation.drift import REFERENCE_FILE
+    from cxr_core.evaluation.external import SITE_THRESHOLD_FILE, load_site_threshold
 
+    site_file = _find(model_dir, SITE_THRESHOLD_FILE)
     return LoadedModel(model, threshold, int(model.input_shape[1]), source or str(model_dir),
-                       reference_path=_find(model_dir, REFERENCE_FILE))
+                       reference_path=_find(model_dir, REFERENCE_FILE),
+                       site_threshold=load_site_threshold(site_file).threshold if site_file else None)
 
 
 def resolve_model_version(client: Any, model_uri: str) -> Any:

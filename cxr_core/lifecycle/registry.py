@@ -13,13 +13,14 @@ import posixpath
 import tempfile
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from cxr_core.evaluation.external import EXTERNAL_TAG_PREFIX, SITE_THRESHOLD_TAG
 from cxr_core.lifecycle.model_card import MODEL_CARD_ARTIFACT, with_registration
 
 CHALLENGER = "challenger"
@@ -47,6 +48,8 @@ class VersionInfo:
     threshold: float | None
     metrics: dict[str, float]
     created: str
+    external: dict[str, dict[str, float]] = field(default_factory=dict)  # set -> metric -> value
+    site_threshold: float | None = None
 
 
 def log_keras_model(client: Any, run_id: str, model_dir: Path, image_size: int) -> str:
@@ -115,11 +118,13 @@ def run_text(client: Any, run_id: str, path: str) -> str | None:
 
 
 def register_if_blessed(client: Any, name: str, run_id: str, decision: Any, threshold: float,
-                        manifest_hash: str, metrics: dict[str, float]) -> str | None:
+                        manifest_hash: str, metrics: dict[str, float],
+                        extra_tags: dict[str, str] | None = None) -> str | None:
     """Register the run's model only when ``decision.passed``; give it the ``challenger``
     alias and version tags (threshold, gate results, manifest hash, key metrics, its test
-    images) and re-log its model card naming the version and aliases. A rejected model stays
-    a logged run tagged with its decision. Returns the version or None."""
+    images, and ``extra_tags``: external metrics, a site threshold) and re-log its model card
+    naming the version and aliases. A rejected model stays a logged run tagged with its
+    decision. Returns the version or None."""
     client.set_tag(run_id, GATE_TAG, str(bool(decision.passed)).lower())
     client.set_tag(run_id, GATE_FAILED_TAG, gate_failed(decision))
     if not decision.passed:
@@ -129,7 +134,8 @@ def register_if_blessed(client: Any, name: str, run_id: str, decision: Any, thre
     if existing:  # a retried call: the version exists, finish its alias and card
         version = str(existing[0].version)
     else:
-        tags = _version_tags(client, run_id, decision, threshold, manifest_hash, metrics)
+        tags = {**_version_tags(client, run_id, decision, threshold, manifest_hash, metrics),
+                **(extra_tags or {})}
         # The version page shows the description: the model card's summary, not raw tags.
         description = run_text(client, run_id, SUMMARY_ARTIFACT) or decision.summary()
         version = str(client.create_model_version(
@@ -258,6 +264,17 @@ def alias_version(client: Any, name: str, alias: str) -> Any | None:
         return None
 
 
+def external_from_tags(tags: dict[str, str]) -> dict[str, dict[str, float]]:
+    """Set name -> metric -> value from a version's ``cxr.external.<name>.<metric>`` tags."""
+    out: dict[str, dict[str, float]] = {}
+    for key, value in tags.items():
+        if key.startswith(EXTERNAL_TAG_PREFIX):
+            name, _, metric = key.removeprefix(EXTERNAL_TAG_PREFIX).rpartition(".")
+            if name and metric:
+                out.setdefault(name, {})[metric] = float(value)
+    return out
+
+
 def list_versions(client: Any, name: str) -> list[VersionInfo]:
     """Every version with its aliases, gate verdict, threshold and key metrics (newest first)."""
     from mlflow.exceptions import MlflowException
@@ -282,5 +299,7 @@ def list_versions(client: Any, name: str) -> list[VersionInfo]:
                      if k.startswith("cxr.metric.")},
             created=datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC).isoformat(
                 timespec="seconds"),
+            external=external_from_tags(tags),
+            site_threshold=float(tags[SITE_THRESHOLD_TAG]) if SITE_THRESHOLD_TAG in tags else None,
         ))
     return sorted(out, key=lambda v: int(v.version), reverse=True)

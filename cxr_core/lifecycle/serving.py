@@ -71,7 +71,8 @@ def add_image_pyfunc(model_dir: Path) -> None:
     mlmodel.save(str(model_dir / "MLmodel"))
 
 
-MODEL_EXTRAS = ("threshold.json", "drift_reference.npz")  # travel beside the network
+# Travel beside the network; site_threshold.json only when a calibration sample chose one.
+MODEL_EXTRAS = ("threshold.json", "drift_reference.npz", "site_threshold.json")
 
 
 def write_model_folder(model_dir: Path, out: Path) -> Path:

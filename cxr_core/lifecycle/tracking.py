@@ -20,6 +20,7 @@ import pandas as pd
 
 import cxr_core
 from cxr_core.data.manifest import read_manifest
+from cxr_core.evaluation.external import external_metrics
 from cxr_core.lifecycle.client import make_client  # noqa: F401 - re-exported for callers
 from cxr_core.lifecycle.model_card import MODEL_CARD_ARTIFACT, render_model_card, split_provenance
 from cxr_core.lifecycle.registry import SUMMARY_ARTIFACT, log_keras_model
@@ -304,7 +305,9 @@ def _model_card(model_name: str, cfg: Any, validated: Any, manifest: pd.DataFram
     (:func:`cxr_core.lifecycle.registry.refresh_model_card`)."""
     return render_model_card(model_name, None, evaluated.evaluation, trained.threshold, decision,
                              _data_summary(cfg, validated, manifest), trained.hyperparameters,
-                             cfg.profile, robustness=evaluated.robustness)
+                             cfg.profile, robustness=evaluated.robustness,
+                             external=getattr(evaluated, "external", None),
+                             site_threshold=getattr(evaluated, "site_threshold", None))
 
 
 @dataclass
@@ -388,7 +391,8 @@ def log_pipeline_results(
 
 def _log_final_metrics(client: Any, parent: str, final: str, trained: Any, evaluated: Any) -> None:
     """Test metrics (with interval bounds), the threshold's validation figures, calibration
-    and robustness on the final run; test and robustness metrics on the parent too."""
+    and robustness on the final run; test, robustness, external-set and site-threshold
+    metrics on both."""
     test_metrics = {f"test_{k}": v for k, v in evaluated.evaluation.flat().items()}
     t = trained.threshold
     log_metrics(client, final, {**test_metrics, "threshold": t.threshold,
@@ -399,6 +403,13 @@ def _log_final_metrics(client: Any, parent: str, final: str, trained: Any, evalu
                                    (trained.calibration or {}).items()}})
     log_metrics(client, final, evaluated.robustness)
     log_metrics(client, parent, {**test_metrics, **evaluated.robustness})
+    # External sets (external_<name>_<metric>, with interval bounds) and the site threshold.
+    outside = external_metrics(getattr(evaluated, "external", None) or {})
+    site = getattr(evaluated, "site_threshold", None)
+    if site is not None:
+        outside.update(site.metrics())
+    for run_id in (final, parent):
+        log_metrics(client, run_id, outside)
 
 
 def _log_final_artifacts(client: Any, final: str, run_dir: Path, validated: Any,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -14,8 +14,8 @@ app = typer.Typer(help="The model registry: versions, aliases and key metrics.",
 
 @app.command("list")
 def models_list() -> None:
-    """List registered versions (newest first) with aliases, gate verdict, threshold and test
-    metrics."""
+    """List registered versions (newest first) with aliases, gate verdict, threshold, test
+    metrics, and each external set's accuracy, recall and ROC-AUC (and a site threshold)."""
     from cxr_core.lifecycle.registry import list_versions
 
     settings, client = registry_client()
@@ -29,7 +29,19 @@ def models_list() -> None:
         metrics = ", ".join(f"{k} {val:.3f}" for k, val in sorted(v.metrics.items()))
         threshold = f"{v.threshold:.4f}" if v.threshold is not None else "-"
         typer.echo(f"{v.version:>7}  {','.join(v.aliases) or '-':28} "
-                   f"{'pass' if v.gate_passed else 'FAIL':6} {threshold:>9}  {metrics}")
+                   f"{'pass' if v.gate_passed else 'FAIL':6} {threshold:>9}  test: {metrics}")
+        for line in _external_lines(v):
+            typer.echo(f"{'':>55}{line}")
+
+
+def _external_lines(v: Any) -> list[str]:
+    """Per external set its accuracy, recall and ROC-AUC; the site threshold, if any."""
+    lines = [f"external {name}: " + ", ".join(f"{k} {m[k]:.3f}" for k in
+                                              ("accuracy", "recall", "roc_auc") if k in m)
+             for name, m in sorted(v.external.items())]
+    if v.site_threshold is not None:
+        lines.append(f"site threshold {v.site_threshold:.4f}")
+    return lines
 
 
 def promote_cmd(

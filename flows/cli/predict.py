@@ -24,6 +24,9 @@ def predict_cmd(
         "Prefect event (cxr.drift.detected) when it drifted and a Prefect server is set.")] = True,
     drift_alpha: Annotated[float, typer.Option(
         help="Family-wise significance level of the drift tests (Bonferroni).")] = 0.01,
+    threshold: Annotated[str, typer.Option(
+        "--threshold", help="'model': the model's own threshold; 'site': the site threshold "
+        "chosen on a calibration sample (`cxr run --calibration DIR`).")] = "model",
 ) -> None:
     """Score images with a registered model at its stored threshold. Unreadable files are
     reported (and listed in <output>.errors.csv) and skipped; the run goes on."""
@@ -31,6 +34,8 @@ def predict_cmd(
     from cxr_core.settings import get_settings
     from flows.clients import short_mlflow_retries
 
+    if threshold not in ("model", "site"):
+        fail(f"--threshold {threshold!r}: expected 'model' or 'site'", EXIT_BAD_INPUT)
     settings = get_settings()
     uri = model or f"models:/{settings.registered_model_name}@champion"
     files, skipped = collect_paths(paths)
@@ -40,6 +45,8 @@ def predict_cmd(
         fail("no image files found in " + ", ".join(str(p) for p in paths), EXIT_BAD_INPUT)
     short_mlflow_retries()
     loaded = load_model(uri, settings.mlflow_tracking_uri)
+    if threshold == "site":
+        loaded = loaded.at_site_threshold()  # InputError when the model has none
     preds, errors = predict_paths(loaded, files, batch_size=batch_size)
     write_predictions(preds, errors, output)
     for row in errors.itertuples():

@@ -24,6 +24,18 @@ def run(
         "--resume", help="Continue an interrupted run (its folder name under <home>/runs) with "
         "the data folder, profile and config it started with: completed tuner trials are not "
         "rerun; a resume whose data changed is refused.")] = None,
+    external: Annotated[list[str] | None, typer.Option(
+        "--external", metavar="NAME=DIR", help="An external validation set (repeatable): a "
+        "labelled folder from another site or device (test/{NORMAL,PNEUMONIA}, or NORMAL/ and "
+        "PNEUMONIA/ directly), scored after training at the model's threshold and logged as "
+        "external_NAME_* metrics; never used to fit, tune or choose the threshold. Merged with "
+        "the config's data.external (this one wins on a name); gates.external.NAME adds gates.")] = None,
+    calibration: Annotated[Path | None, typer.Option(
+        "--calibration", help="A labelled sample from the deployment site: after training, a "
+        "site threshold is chosen on it with the recall target of the main one and stored as "
+        "the version tag cxr.site_threshold (the model's own threshold is unchanged; use it "
+        "with `cxr predict --threshold site`). It must share no image with an external set or "
+        "the test split.")] = None,
     tuner_workers: Annotated[int, typer.Option(
         "--tuner-workers", help="Distributed search: start this many tuner workers as runs of "
         "the tune-worker deployment (needs `cxr deploy` and workers on its pool).")] = 0,
@@ -40,7 +52,8 @@ def run(
 
     settings = get_settings()
     try:
-        result = _retrain(settings, data_dir, profile, config, resume, tuner_workers)
+        result = _retrain(settings, data_dir, profile, config, resume, tuner_workers,
+                          external or [], calibration)
     except Exception as exc:
         if json_out is not None and exit_code(exc) is not None:
             _write_json(json_out, failure_record(exc))
@@ -54,26 +67,38 @@ def run(
 
 
 def _retrain(settings: Any, data_dir: Path | None, profile: str | None, config: Path | None,
-             resume: str | None, tuner_workers: int) -> dict[str, Any]:
+             resume: str | None, tuner_workers: int, external_opts: list[str],
+             calibration: Path | None) -> dict[str, Any]:
     """Check the inputs (in a second, before Prefect starts), then run the flow."""
     import os
 
+    from cxr_core.data.external import (
+        check_calibration_folder,
+        parse_external_options,
+        resolve_external_sets,
+    )
     from cxr_core.data.manifest import find_data_root
     from flows.run_spec import check_resume_args, default_profile, load_run
 
+    external = parse_external_options(external_opts)  # InputError: malformed, a name twice
     if resume:
-        check_resume_args(load_run(settings.runs_dir, resume), data_dir, profile, config)
+        check_resume_args(load_run(settings.runs_dir, resume), data_dir, profile, config,
+                          external, calibration)
     else:
-        load_cfg(config, profile or default_profile(data_dir))
+        cfg = load_cfg(config, profile or default_profile(data_dir))
         if data_dir is not None:
             find_data_root(data_dir)  # DataLayoutError: not a folder, no train/val/test inside
+        resolve_external_sets(cfg, external)  # missing folders, gates naming unknown sets
+        if calibration is not None:
+            check_calibration_folder(calibration)
     if settings.prefect_api_url:
         os.environ.setdefault("PREFECT_API_URL", settings.prefect_api_url)
     from flows.retrain import retrain_flow
 
     return retrain_flow(data_dir=str(data_dir.resolve()) if data_dir else None, profile=profile,
                         config=str(config.resolve()) if config else None,
-                        tuner_workers=tuner_workers, resume=resume)
+                        tuner_workers=tuner_workers, resume=resume, external=external or None,
+                        calibration=str(calibration.resolve()) if calibration else None)
 
 
 def failure_record(exc: BaseException) -> dict[str, Any]:
@@ -99,6 +124,13 @@ def _print_result(result: dict[str, Any], settings: Any) -> None:
                f"{result['threshold']:.4f}")
     typer.echo("test: " + ", ".join(f"{k} {metrics[k]:.3f}" for k in
                                     ("accuracy", "recall", "specificity", "roc_auc")))
+    for name, ext in (result.get("external_metrics") or {}).items():
+        typer.echo(f"external {name}: " + ", ".join(
+            f"{k} {ext[k]:.3f}" for k in ("accuracy", "recall", "specificity", "roc_auc") if k in ext))
+    if result.get("site_threshold"):
+        site = result["site_threshold"]
+        typer.echo(f"site threshold {site['threshold']:.4f} (recall {site['recall']:.3f}, "
+                   f"specificity {site['specificity']:.3f} on {site['images']} images)")
     typer.echo(f"{result['trials']} tuner trials; stage times (s): " + ", ".join(
         f"{k} {v:.0f}" for k, v in result["stage_seconds"].items()))
     typer.echo(f"work directory: {result['run_dir']}")

@@ -117,3 +117,33 @@ def test_lower_bound_gate_counts_patients_not_images() -> None:
     failed = decide(by_patient.metrics, thr).failed
     assert [c.name for c in failed] == ["min_recall"]
     assert failed[0].value == by_patient.metrics["recall"].low < 0.7
+
+
+def test_external_gates_judge_each_configured_set() -> None:
+    from cxr_core.config import ExternalGateConfig, load_config
+    from cxr_core.evaluation.gates import thresholds_from_config
+
+    site_b = {"accuracy": I(0.84, 0.80, 0.88), "recall": I(0.99, 0.97, 1.0),
+              "roc_auc": I(0.96, 0.94, 0.98)}
+    thr = GateThresholds(external={"site-b": {"accuracy": 0.82, "roc_auc": 0.95}})
+    ok = decide(metrics(), thr, external={"site-b": site_b})
+    assert ok.passed
+    assert [c.name for c in ok.checks[2:]] == ["external_site-b_min_accuracy",
+                                                "external_site-b_min_roc_auc"]
+    # The lower interval bound when the config says so: 0.80 < 0.82 fails what 0.84 passed.
+    strict = GateThresholds(use_lower_ci_bound=True,
+                            external={"site-b": {"accuracy": 0.82, "roc_auc": 0.9}})
+    d = decide(metrics(), strict, external={"site-b": site_b})
+    assert not d.passed and [c.name for c in d.failed] == ["external_site-b_min_accuracy"]
+    assert d.failed[0].value == 0.80 and "'site-b'" in d.failed[0].detail
+    assert "external_site-b_min_accuracy: 0.8000 >= 0.8200" in d.summary()
+    # A gated set that was not scored fails its checks; sets without gates are not judged.
+    missing = decide(metrics(), thr, external={"other": site_b})
+    assert [c.name for c in missing.failed] == ["external_site-b_min_accuracy",
+                                                "external_site-b_min_roc_auc"]
+    assert "not measured" in missing.failed[0].detail
+    assert decide(metrics(), GateThresholds(), external={"site-b": site_b}).checks == ok.checks[:2]
+    # From the config: only the minimums that are set become checks.
+    gates = load_config().gates.model_copy(
+        update={"external": {"site-b": ExternalGateConfig(min_recall=0.9)}})
+    assert thresholds_from_config(gates).external == {"site-b": {"recall": 0.9}}

@@ -262,3 +262,30 @@ def test_prefect_run_logs_drop_tracebacks_of_expected_errors_only() -> None:
             assert logger.filter(record)
             assert (record.exc_info is not None) is kept
             assert repr(exc) in record.getMessage()
+
+
+# --- external sets and the calibration sample: refused before anything runs ------------------
+
+def test_bad_external_sets_exit_2_before_anything_runs(tmp_path: Path, cli_env) -> None:
+    from support.images import make_good_dataset
+    from support.registry import tiny_model_dir
+
+    good = make_good_dataset(tmp_path / "site", n_patients=1, imgs=1)
+    missing = tmp_path / "missing"
+    gated = tmp_path / "gated.yaml"
+    gated.write_text("gates: {external: {site-x: {min_recall: 0.9}}}\n")
+    (tmp_path / "afile").write_text("x")
+    cases = [
+        (["run", "--external", "site-b"], "expected NAME=DIR"),
+        (["run", "--external", "Site=" + str(good)], "lowercase"),
+        (["run", "--external", f"b={good}", "--external", f"b={missing}"], "given twice"),
+        (["run", "--external", f"b={missing}"], f"external set 'b': {missing}"),
+        (["run", "--config", str(gated), "--external", f"b={good}"], "'site-x'"),
+        (["run", "--calibration", str(missing)], "--calibration"),
+        (["predict", str(tmp_path / "afile"), "--threshold", "best"], "--threshold"),
+        (["predict", str(tmp_path / "afile"), "--model", str(tiny_model_dir(tmp_path / "m")),
+          "--threshold", "site"], "no site threshold"),
+    ]
+    for args, name in cases:
+        _expect_exit(args, cli_env, 2, name)
+    assert not (tmp_path / "home" / "runs").exists()  # no run was started

@@ -130,18 +130,36 @@ def _flow_logs(flow_run_id) -> str:
     return "\n".join(log.message for log in logs)
 
 
-def test_retrain_end_to_end_registers_and_stores_in_s3(env, learnable_data, tracking, s3,
-                                                       tmp_path) -> None:
+@pytest.fixture(scope="module")
+def site_data(tmp_path_factory) -> dict[str, Path]:
+    """Another 'site' (an external set: its train/val/test folders all count) and a labelled
+    calibration sample, from the same generator with other seeds: 40 images each."""
+    from cxr_core.data.synth import synthesize_dataset
+
+    root = tmp_path_factory.mktemp("sites")
+    out = {}
+    for name, seed in (("site-b", 1), ("calibration", 2)):
+        synthesize_dataset(root / name, n_per_class=20, size=96, seed=seed)
+        out[name] = root / name
+    return out
+
+
+def test_retrain_end_to_end_registers_and_stores_in_s3(env, learnable_data, site_data, tracking,
+                                                       s3, tmp_path) -> None:
     from cxr_core.config import deep_merge
     from cxr_core.lifecycle.predict import load_model
     from cxr_core.lifecycle.tracking import make_client
     from flows.retrain import retrain_flow
 
     # Calibration and test-time augmentation on: the wrapped model must survive logging,
-    # registration, Grad-CAM figures and loading through models:/.
-    config = _config(tmp_path, **deep_merge(LEARNABLE, {"train": {"calibrate": True, "tta": True}}))
+    # registration, Grad-CAM figures and loading through models:/. An external set with a
+    # gate, and a site-calibration sample, ride along (scored after training: no extra run).
+    config = _config(tmp_path, **deep_merge(LEARNABLE, {
+        "train": {"calibrate": True, "tta": True},
+        "gates": {"external": {"site-b": {"min_roc_auc": 0.3}}}}))
     state = retrain_flow(data_dir=str(learnable_data), profile="quick", config=config,
-                         return_state=True)
+                         external={"site-b": str(site_data["site-b"])},
+                         calibration=str(site_data["calibration"]), return_state=True)
     assert state.is_completed(), state.message
     result = state.result()
     assert result["model_version"] == "1" and result["gate_passed"] is True
@@ -188,6 +206,58 @@ def test_retrain_end_to_end_registers_and_stores_in_s3(env, learnable_data, trac
         blob = json.dumps({**run.data.params, **run.data.tags})
         assert SECRET not in blob
     assert SECRET not in _flow_logs(state.state_details.flow_run_id)
+    _check_external_results(result, client, parent, final, keys, loaded)
+
+
+def _check_external_results(result, client, parent, final, keys, loaded) -> None:
+    """The external set and the site threshold of the end-to-end run, wherever they show."""
+    from typer.testing import CliRunner
+
+    ext = result["external_metrics"]["site-b"]
+    assert 0 <= ext["roc_auc"] <= 1 and result["external_sets"]["site-b"]["scored"] == 40
+    for run in (parent, final):  # logged with intervals on the parent and the final run
+        assert {"external_site-b_roc_auc", "external_site-b_accuracy_ci_low",
+                "external_site-b_recall_ci_high"} <= set(run.data.metrics)
+    assert final.data.metrics["external_site-b_roc_auc"] == pytest.approx(ext["roc_auc"])
+    assert any(k.endswith("evaluation/external/site-b/predictions.csv") for k in keys)
+    assert any(k.endswith("evaluation/external/site-b/figures/roc_curve.png") for k in keys)
+    contexts = {i.dataset.name: {t.value for t in i.tags} for i in final.inputs.dataset_inputs}
+    assert contexts["external-site-b"] == {"external"}
+    assert contexts["site-calibration"] == {"calibration"}
+    decision = json.loads(Path(client.download_artifacts(
+        final.info.run_id, "gate_decision.json")).read_text())
+    assert {"name": "external_site-b_min_roc_auc", "passed": True}.items() <= next(
+        c for c in decision["checks"] if c["name"] == "external_site-b_min_roc_auc").items()
+    card = Path(client.download_artifacts(final.info.run_id, "model_card.md")).read_text()
+    assert "## External validation" in card and "| site-b | 40 |" in card
+    # The site threshold: its own tag beside the unchanged one, and it travels with the model.
+    site = result["site_threshold"]
+    tags = client.get_model_version("cxr-pneumonia", "1").tags
+    assert float(tags["cxr.threshold"]) == pytest.approx(result["threshold"])
+    assert float(tags["cxr.site_threshold"]) == pytest.approx(site["threshold"])
+    assert tags["cxr.site_threshold_images"] == "40" and "cxr.external.site-b.roc_auc" in tags
+    assert loaded.threshold == pytest.approx(result["threshold"])
+    assert loaded.site_threshold == pytest.approx(site["threshold"])
+    listed = CliRunner().invoke(app, ["models", "list"])
+    assert listed.exit_code == 0, listed.output
+    assert "external site-b: accuracy" in listed.output and "site threshold" in listed.output
+
+
+def test_a_bad_external_set_fails_the_run_before_training(env, data, tmp_path) -> None:
+    from cxr_core.errors import InputError
+    from flows.retrain import retrain_flow
+
+    one_class = tmp_path / "one-class"
+    for i in range(3):
+        write_image(one_class / "test" / "NORMAL" / f"IM-{8000 + i}-0001.jpeg", 8000 + i)
+    state = retrain_flow(data_dir=str(data), profile="quick", config=_config(tmp_path),
+                         external={"one": str(one_class)}, return_state=True)
+    assert state.is_failed() and "external set 'one'" in state.message
+    with pytest.raises(InputError) as failed:
+        state.result()
+    run_dir = Path(failed.value.details["run_dir"])
+    assert (run_dir / "manifest.parquet").is_file()  # validated, then stopped
+    assert not (run_dir / "prepared_manifest.parquet").exists() and not (run_dir / "tuner").exists()
 
 
 def test_gate_failure_leaves_the_champion(env, data, tracking, tmp_path) -> None:

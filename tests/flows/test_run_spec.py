@@ -87,3 +87,28 @@ def test_resume_refuses_changed_data_but_not_touched_files(tmp_path) -> None:
     assert f"--config {spec.config_path}" in str(exc.value)  # the new-run command reuses it
     stored = json.loads((spec.run_dir / SPEC_FILE).read_text())
     assert stored["manifest_hash"] == digest and stored["profile"] == "quick"
+
+
+def test_a_run_stores_its_external_sets_and_calibration_for_the_resume(tmp_path,
+                                                                       good_dataset) -> None:
+    site_b, cal = tmp_path / "site-b", tmp_path / "cal"
+    spec = create_run(tmp_path / "runs", good_dataset, "quick", load_config(None, "quick"),
+                      external={"site-b": str(site_b)}, calibration=str(cal))
+    again = load_run(tmp_path / "runs", spec.name)
+    assert again == spec
+    assert again.external == {"site-b": str(site_b)} and again.calibration == str(cal)
+    stored = json.loads((spec.run_dir / SPEC_FILE).read_text())
+    assert stored["external"] == {"site-b": str(site_b)} and stored["calibration"] == str(cal)
+    # Given again, the same sets pass; another folder, another calibration sample are refused.
+    check_resume_args(again, None, None, None, {"site-b": str(site_b)}, cal)
+    with pytest.raises(InputError, match=r"external set site-b=.*other \(the run's: .*site-b\)"):
+        check_resume_args(again, None, None, None, {"site-b": str(tmp_path / "other")})
+    with pytest.raises(InputError, match="external set site-c=.*none of that name"):
+        check_resume_args(again, None, None, None, {"site-c": str(site_b)})
+    with pytest.raises(InputError, match=r"calibration .*other \(the run's: .*cal\)"):
+        check_resume_args(again, None, None, None, None, tmp_path / "other")
+    # A run from before external sets existed reads back with none.
+    stored.pop("external"), stored.pop("calibration")
+    (spec.run_dir / SPEC_FILE).write_text(json.dumps(stored))
+    old = load_run(tmp_path / "runs", spec.name)
+    assert old.external == {} and old.calibration is None

@@ -119,3 +119,29 @@ def test_registered_card_names_version_and_aliases(client, registrar, model_name
     rollback(client, model_name)
     assert f"version {v1}. Aliases: `champion`." in card_of(run1)
     assert f"version {v2}. Aliases: `previous-champion`." in card_of(run2)
+
+
+def test_card_and_summary_show_external_sets_with_the_gap_to_the_test_split() -> None:
+    from cxr_core.evaluation.external import SiteThreshold
+    from cxr_core.lifecycle.model_card import card_summary
+
+    y = np.arange(60) % 2
+    test = evaluate_predictions(y, np.where(y == 1, 0.9, 0.1), 0.5, n_bootstrap=50)  # all right
+    p = np.where(y == 1, 0.9, 0.1)
+    p[:10:2] = 0.8  # 5 of 30 NORMAL images called PNEUMONIA: specificity 25/30
+    external = {"site-b": evaluate_predictions(y, p, 0.5, n_bootstrap=50)}
+    decision = decide(test.metrics, GateThresholds(0.5, 0.5))
+    summary = {"data_root": "/data", "manifest_hash": "abc", "image_size": 16,
+               "split_counts": {"test": {"NORMAL": 30, "PNEUMONIA": 30}}}
+    site = SiteThreshold(0.85, 1.0, 0.9, 0.97, 30, 30, "/data/site-b-sample")
+    card = render_model_card("cxr-pneumonia", None, test,
+                             ThresholdChoice(0.5, 0.96, 0.5, 0.7, 0.95, 20, 20), decision,
+                             summary, {"blocks": 3}, "quick", external=external,
+                             site_threshold=site)
+    gap_row = "| site-b | 60 | -0.083 | +0.000 | -0.167 | "
+    assert "## External validation" in card and "| external: site-b | 60 |" in card
+    assert gap_row in card
+    assert "Site threshold 0.8500 for `/data/site-b-sample`" in card and "recall 1.000" in card
+    short = card_summary(test, decision, summary, external)
+    assert gap_row in short and "| external: site-b | 60 | 0.917" in short
+    assert "No external set was scored" in _card(1) and "Site threshold" not in _card(1)
