@@ -92,14 +92,16 @@ def data(tmp_path_factory) -> Path:
 
 
 # A data set with something to learn (the synthetic generator's lung opacities) and the
-# budget to learn it: measured on 2 busy cores, test ROC-AUC 0.82 in about 3 minutes of
-# stages (TINY on random images learns nothing: its AUC is chance).
+# budget to learn it (TINY on random images learns nothing: its AUC is chance). At 64 px the
+# search's best point reached test ROC-AUC 0.60 on this machine and 0.82 on another (training
+# on the edge of learning: the numeric path decided); at 96 px, the quick profile's size, the
+# two trials' points reach 0.947 and 0.846 in about 30 s of training each.
 LEARNABLE = {
-    "data": {"image_size": 64},
+    "data": {"image_size": 96},
     "train": {"epochs": 15, "batch_size": 8, "early_stopping_patience": 15,
               "intensity_norm": "standardize"},
-    # Accuracy at the recall-targeted threshold swung 0.57-0.75 between runs of this small
-    # set; the learning itself is asserted on ROC-AUC (>= 0.7; 0.82-0.84 measured).
+    # Accuracy at the recall-targeted threshold swings between runs of this small set; the
+    # learning itself is asserted on ROC-AUC (>= 0.7).
     "gates": {"min_recall": 0.6, "min_accuracy": 0.5},
 }
 
@@ -182,7 +184,7 @@ def test_retrain_end_to_end_registers_and_stores_in_s3(env, learnable_data, site
     assert result["data_artifacts"]
     # The registered model loads through its models:/ URI.
     loaded = load_model("models:/cxr-pneumonia/1", tracking.url)
-    assert loaded.image_size == 64 and 0 < loaded.threshold < 1
+    assert loaded.image_size == 96 and 0 < loaded.threshold < 1
     assert loaded.model.name == "cxr_cnn_tta"
     # One parent run with nested trial runs and the final run.
     client = make_client(tracking.url)
