@@ -9,6 +9,7 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import boto3
 import pytest
@@ -235,8 +236,9 @@ def _check_external_results(result, client, parent, final, keys, loaded) -> None
     # The site threshold: its own tag beside the unchanged one, and it travels with the model.
     site = result["site_threshold"]
     tags = client.get_model_version("cxr-pneumonia", "1").tags
-    assert float(tags["cxr.threshold"]) == pytest.approx(result["threshold"])
-    assert float(tags["cxr.site_threshold"]) == pytest.approx(site["threshold"])
+    # Tags carry 6 decimals.
+    assert float(tags["cxr.threshold"]) == pytest.approx(result["threshold"], abs=1e-6)
+    assert float(tags["cxr.site_threshold"]) == pytest.approx(site["threshold"], abs=1e-6)
     assert tags["cxr.site_threshold_images"] == "40" and "cxr.external.site-b.roc_auc" in tags
     assert loaded.threshold == pytest.approx(result["threshold"])
     assert loaded.site_threshold == pytest.approx(site["threshold"])
@@ -597,3 +599,41 @@ def test_a_tuner_worker_run_nobody_picks_up_is_cancelled_and_reported_gone(harne
     assert chief.wait(timeout=10) == 0 and gone.exists()
     with get_client(sync_client=True) as client:
         assert client.read_flow_run(run_id).state.is_cancelled()
+
+
+def test_prefect_deploy_all_and_cxr_deploy_register_the_same_set(harness, tmp_path) -> None:
+    """Item 1 of issue 14 against a server: `prefect deploy --all` (prefect.yaml) then
+    `cxr deploy` leave one set of four deployments, one weekly schedule, concurrency 1."""
+    import subprocess
+    import sys
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.deploy import ensure_work_pool
+
+    repo = Path(__file__).resolve().parents[2]
+    env = {**_subprocess_env(tmp_path), "PREFECT_API_URL": PREFECT_API_URL.value()}
+    for pool in ("cpu", "gpu"):
+        ensure_work_pool(pool)
+    wanted = {"retrain/scheduled", "promote/promote", "batch-predict/batch-predict", "tune-worker/gpu"}
+
+    def deployments() -> dict[str, Any]:
+        with get_client(sync_client=True) as client:
+            flows = {f.id: f.name for f in client.read_flows()}
+            found = {f"{flows[d.flow_id]}/{d.name}": d for d in client.read_deployments()}
+        return {k: v for k, v in found.items() if k in wanted}
+
+    out = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"],
+                         cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    first = deployments()
+    assert set(first) == wanted
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "deploy", "--data-dir", str(tmp_path)],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    second = deployments()
+    assert {k: d.id for k, d in second.items()} == {k: d.id for k, d in first.items()}
+    retrain = second["retrain/scheduled"]
+    assert len(retrain.schedules) == 1 and retrain.global_concurrency_limit.limit == 1
+    assert retrain.parameters["data_dir"] == str(tmp_path)  # cxr deploy updated it in place
