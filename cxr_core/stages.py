@@ -217,13 +217,14 @@ def external_scan_stage(sets: dict[str, str], calibration: str | None, manifest_
 
     run_manifest = read_manifest(manifest_path)
     workers = cfg.data.scan_workers
-    scans = {name: scan_external_set(name, folder, run_manifest, workers)
+    warn = cfg.validation.shortcut_auc_warn
+    scans = {name: scan_external_set(name, folder, run_manifest, workers, warn)
              for name, folder in sorted(sets.items())}
     for name, scan in scans.items():
         write_scan(scan, Path(run_dir) / EXTERNAL_DIR / name)
     cal = None
     if calibration:
-        cal = scan_external_set(CALIBRATION, calibration, run_manifest, workers)
+        cal = scan_external_set(CALIBRATION, calibration, run_manifest, workers, warn)
         check_calibration_disjoint(cal, scans, run_manifest)
         write_scan(cal, Path(run_dir) / SITE_CALIBRATION_DIR)
     return ExternalData(scans, cal)

@@ -119,6 +119,12 @@ class ExternalScan:
             lines.append(f"{self.name}: {patients['count']} inferred patient id(s) also in this "
                          f"run's data ({_by_split(patients['by_split'])}; ids come from file names "
                          "and may not be the same person), e.g. " + ", ".join(patients["examples"]))
+        warn = r.get("shortcut_auc_warn", 1.0)
+        for row in r.get("shortcut_scores", []):
+            if row["auc"] is not None and row["auc"] >= warn:
+                lines.append(f"{self.name}: {row['score']} alone separates the classes with "
+                             f"ROC-AUC {row['auc']:.3f} (higher in {row['higher_in']}): a "
+                             "shortcut cue also present here (README, \"Shortcut audit\")")
         return lines
 
 
@@ -173,8 +179,9 @@ def shared_patients(rows: pd.DataFrame, run_manifest: pd.DataFrame) -> dict[str,
 
 
 def scan_external_set(name: str, folder: str | Path, run_manifest: pd.DataFrame,
-                      workers: int = 0) -> ExternalScan:
-    """Scan and check one set against the run's manifest. InputError naming the set when it
+                      workers: int = 0, warn_auc: float = 0.75) -> ExternalScan:
+    """Scan and check one set against the run's manifest, with its shortcut audit (scores
+    whose ROC-AUC reaches ``warn_auc`` are findings). InputError naming the set when it
     has no scorable labelled images of both classes."""
     scan = scan_dataset(Path(folder), workers=workers)
     manifest = scan.manifest.assign(split="external", split_origin="external")
@@ -192,8 +199,20 @@ def scan_external_set(name: str, folder: str | Path, run_manifest: pd.DataFrame,
         "excluded": _excluded(manifest), "junk_skipped": len(scan.skipped),
         "shared_files": shared_files(usable, run_manifest),
         "shared_patients": shared_patients(usable, run_manifest),
+        "shortcut_scores": set_score_aucs(usable),
+        "shortcut_auc_warn": warn_auc,
     }
     return result
+
+
+def set_score_aucs(rows: pd.DataFrame) -> list[dict[str, Any]]:
+    """The shortcut audit of one external set: how well each per-image score (burned-in
+    annotations, field of view) alone separates its classes (see
+    :func:`cxr_core.evaluation.shortcuts.score_aucs`). Beside the training splits' figures it
+    tells whether a cue the model may have learned still holds at the other site."""
+    from cxr_core.evaluation.shortcuts import score_aucs
+
+    return [{**r, "split": "external"} for r in score_aucs(rows.assign(split="test"))]
 
 
 def write_scan(scan: ExternalScan, out_dir: Path) -> Path:

@@ -144,3 +144,27 @@ def test_calibration_must_share_no_image_with_an_evaluation_set(tmp_path) -> Non
     text = str(err.value)
     assert "--calibration" in text and "external set 'site-b'" in text and "the test split" in text
     assert str(shared) in text and str(test_image) in text
+
+
+def test_the_external_scan_audits_shortcut_scores_and_names_a_strong_cue(tmp_path) -> None:
+    """Text burned into the top corners of only the PNEUMONIA images of a site: the scan's
+    audit finds the cue there too (a model that learned it would look better than it is)."""
+    from PIL import Image
+
+    from support.images import chest_like, with_text
+
+    _, manifest = _run_manifest(tmp_path)
+    site = tmp_path / "site-t"
+    for i in range(8):
+        for label, text in (("NORMAL", None), ("PNEUMONIA", "R PORTABLE")):
+            img = chest_like(lung_bottom=0.7, seed=i + (50 if text else 0))
+            if text:
+                img = with_text(img, text, (4, 4))
+            (site / label).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(site / label / f"{label.lower()}-{i}.png")
+    scan = scan_external_set("site-t", site, manifest, workers=1, warn_auc=0.75)
+    top = next(r for r in scan.report["shortcut_scores"] if r["score"] == "annotation_top_px")
+    assert top["split"] == "external" and top["auc"] >= 0.9 and top["higher_in"] == "PNEUMONIA"
+    assert any("annotation_top_px alone separates" in line for line in scan.findings())
+    clean = scan_external_set("site-b", _external(tmp_path / "ext", n=6), manifest, workers=1)
+    assert not any("alone separates" in line for line in clean.findings())
