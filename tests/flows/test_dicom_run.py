@@ -32,18 +32,6 @@ TINY = {
 
 
 @pytest.fixture(scope="module")
-def harness(tmp_path_factory):
-    from prefect.settings import PREFECT_API_DATABASE_CONNECTION_URL
-    from prefect.testing.utilities import prefect_test_harness
-
-    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
-    with prefect_test_harness(server_startup_timeout=60):
-        url = PREFECT_API_DATABASE_CONNECTION_URL.value() or ""
-        assert url.startswith("sqlite"), url  # the harness keeps its database in a file
-        yield Path(url.split(":///", 1)[-1])
-
-
-@pytest.fixture(scope="module")
 def tracking(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow")
     with mlflow_server(root, "sqlite") as server:

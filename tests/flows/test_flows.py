@@ -32,19 +32,6 @@ TINY = {
 
 
 @pytest.fixture(scope="module")
-def harness(tmp_path_factory):
-    from prefect.testing.utilities import prefect_test_harness
-
-    # Prefect configures its console logging on the first import of its flow API: do it here,
-    # outside any test's captured streams (capsys), which are closed after that test.
-    import flows.retrain  # noqa: F401
-
-    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
-    with prefect_test_harness(server_startup_timeout=90):
-        yield
-
-
-@pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     from moto.server import ThreadedMotoServer
 
