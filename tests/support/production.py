@@ -94,7 +94,9 @@ def _start_prefect(prod: Production, stack: ExitStack, db: str) -> None:
 def start_worker(prod: Production, stack: ExitStack, pool: str, limit: int) -> None:
     """A process worker of ``pool``, as worker-cpu / worker-gpu in compose."""
     port = free_port()
-    env = {**prod.env, "PREFECT_WORKER_WEBSERVER_PORT": str(port)}
+    # Polls every 2 s (default 10): the rehearsal waits on each pickup (retrain, tuner runs).
+    env = {**prod.env, "PREFECT_WORKER_WEBSERVER_PORT": str(port),
+           "PREFECT_WORKER_QUERY_SECONDS": "2"}
     _spawn(prod, stack, f"worker-{pool}", [
         sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process",
         "--limit", str(limit), "--with-healthcheck"], env, f"http://127.0.0.1:{port}/health")
