@@ -46,11 +46,11 @@ def test_after_a_local_demo_a_server_with_s3_puts_new_artifacts_in_s3(tmp_path, 
     tracking server on the same database proxying artifacts to S3 (`cxr stack up --s3`): the
     pipeline's experiment choice sends new artifacts to the bucket, not the old folder."""
     import boto3
-    from mlflow import MlflowClient
     from moto.server import ThreadedMotoServer
 
     from cxr_core.lifecycle.tracking import ensure_experiment
     from flows.servers import start_mlflow_server
+    from mlflow import MlflowClient
 
     db = f"sqlite:///{tmp_path / 'mlflow.db'}"
     local_root = (tmp_path / "mlartifacts").as_uri()
