@@ -39,10 +39,10 @@ def ensure_demo_data(settings: Settings, n_per_class: int, size: int, seed: int)
 
 
 def _summary_markdown(result: dict[str, Any], decision: Any, evaluation: Any,
-                      external: dict[str, Any] | None = None) -> str:
+                      external: dict[str, Any] | None = None, site: Any | None = None) -> str:
     """The Prefect summary: registry outcome, test metrics, external sets (with the gap to
-    the test split), gates."""
-    from cxr_core.lifecycle.model_card import external_section, metrics_table
+    the test split) and the site threshold (a SiteThreshold), gates."""
+    from cxr_core.lifecycle.model_card import external_section, metrics_table, site_threshold_text
 
     version = result.get("model_version")
     return f"""# cxr retrain: {'registered version ' + version if version else 'not registered'}
@@ -55,21 +55,13 @@ def _summary_markdown(result: dict[str, Any], decision: Any, evaluation: Any,
 {metrics_table(evaluation)}
 
 ## External validation
-{external_section(evaluation, external)}
-{_site_line(result.get('site_threshold'))}
+{external_section(evaluation, external)}{site_threshold_text(site)}
+
 ## Gates
 ```
 {decision.summary()}
 ```
 """
-
-
-def _site_line(site: dict[str, Any] | None) -> str:
-    if not site:
-        return ""
-    return (f"\nSite threshold {site['threshold']:.4f} for `{site['source']}` ({site['images']} "
-            f"images: recall {site['recall']:.3f}, specificity {site['specificity']:.3f}); the "
-            "model's own threshold is unchanged.\n")
 
 
 @flow(name="retrain", log_prints=True)
@@ -247,7 +239,8 @@ def _publish_artifacts(result: dict[str, Any], o: _Outcome) -> None:
     """Prefect artifacts: the summary, the test metrics and the tuner trials."""
     create_markdown_artifact(key="retrain-summary",
                              markdown=_summary_markdown(result, o.decision, o.evaluated.evaluation,
-                                                        o.evaluated.external),
+                                                        o.evaluated.external,
+                                                        o.evaluated.site_threshold),
                              description="Test metrics, gate decision and registry outcome")
     create_table_artifact(key="test-metrics", table=[
         {"metric": k, "value": round(iv.value, 4), "ci_low": round(iv.low, 4),
