@@ -107,6 +107,12 @@ OPTIONS: dict[str, dict[str, Any]] = {
                   "config": {"train": {"lung_crop": {"top": 0.08, "bottom": 0.2, "sides": 0.05}}}},
     "marker-augment": {"about": "synthetic markers and text pasted onto both classes (p 0.5)",
                        "config": {"balance": {"augment": {"synthetic_marker_prob": 0.5}}}},
+    # Semi-supervised (cxr run --unlabeled DIR), cross-fitted so that no external image is
+    # scored by a model that saw it, even unlabeled: the external set is split in two by
+    # patient; the model pseudo-labeled on one half scores the other, and the reverse.
+    "pseudo-label": {"about": "pseudo-labels on the unlabeled external images (share 0.5, "
+                              "weight 0.25, 3 epochs), cross-fitted over two patient halves",
+                     "config": {}, "unlabeled": "crossfit"},
 }
 # What runs without --options: each option at its own size, plus input resolution.
 DEFAULT_OPTIONS = ("baseline", "full-profile", "baseline@96", "baseline@192", "baseline@224",
@@ -122,18 +128,20 @@ def resolve_option(name: str) -> dict[str, Any]:
     config: dict[str, Any] = {}
     hp: dict[str, Any] = {}
     about = []
+    unlabeled = None
     for part in body.split("+"):
         if part not in OPTIONS:
             raise SystemExit(f"unknown option {part!r} in {name!r}; known: {', '.join(OPTIONS)}")
         config = deep_merge(config, OPTIONS[part]["config"])
         hp.update(OPTIONS[part].get("hp", {}))
         about.append(OPTIONS[part]["about"])
+        unlabeled = OPTIONS[part].get("unlabeled", unlabeled)
     if size:
         if not size.isdigit():
             raise SystemExit(f"{name!r}: the @ suffix is an input size in pixels, e.g. @192")
         config = deep_merge(config, {"data": {"image_size": int(size)}})
         about.append(f"{size} px")
-    return {"config": config, "hp": hp, "about": "; ".join(about)}
+    return {"config": config, "hp": hp, "about": "; ".join(about), "unlabeled": unlabeled}
 
 
 def _digest(obj: Any) -> str:
@@ -252,7 +260,7 @@ def _score(preds: Any, threshold: float, n_bootstrap: int, recall_target: float)
 
 
 def _train_row(name: str, seed: int, cfg: Any, hp: dict[str, Any], prepared: Path,
-               folder: Path) -> dict[str, Any]:
+               folder: Path, unlabeled: list[str] | None = None) -> dict[str, Any]:
     """Train one (option, seed) (or reuse the finished training cached in ``folder``)."""
     cached = _read_json(folder / "trained.json")
     if cached is not None and (folder / "model" / "model.keras").is_file():
@@ -270,7 +278,7 @@ def _train_row(name: str, seed: int, cfg: Any, hp: dict[str, Any], prepared: Pat
           f"{cfg.train.epochs} epochs at most, {len(datasets.train_data)} train images)",
           flush=True)
     t0 = time.perf_counter()
-    trained = train_best(hp, datasets, cfg, folder)
+    trained = train_best(hp, datasets, cfg, folder, unlabeled_paths=unlabeled)
     seconds = time.perf_counter() - t0
     hist = trained.history
     images_seen = len(datasets.train_data) * trained.epochs_trained
@@ -283,9 +291,76 @@ def _train_row(name: str, seed: int, cfg: Any, hp: dict[str, Any], prepared: Pat
         "val_recall": trained.threshold.recall, "val_specificity": trained.threshold.specificity,
         "val_auc": max(hist.get("val_auc", [math.nan])),
         "calibration": trained.calibration,
+        "pseudo_labels": trained.pseudo_labels,
     }
     _write_json(folder / "trained.json", record)
     return record
+
+
+def _score_sets(loaded: Any, folder: Path, val_rows: Any, test_rows: Any, ext_rows: Any,
+                n_bootstrap: int, target: float) -> dict[str, Any]:
+    """Predictions of one saved model on val, test and external (CSV files in ``folder``),
+    and the test and external scores at its own threshold."""
+    scores: dict[str, Any] = {}
+    for set_name, rows in (("val", val_rows), ("test", test_rows), ("external", ext_rows)):
+        preds = _predict(loaded, rows)
+        preds.to_csv(folder / f"{set_name}_predictions.csv", index=False)
+        if set_name != "val":  # validation outputs are kept only for the seed ensemble
+            scores[set_name] = _score(preds, loaded.threshold, n_bootstrap, target)
+    return scores
+
+
+def patient_halves(rows: Any) -> list[Any]:
+    """Two halves of ``rows`` by patient, stratified by label (fixed seed)."""
+    import numpy as np
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    folds = StratifiedGroupKFold(n_splits=2, shuffle=True, random_state=0)
+    return [rows.iloc[idx].reset_index(drop=True) for _, idx in
+            folds.split(np.zeros(len(rows)), rows["label"], rows["patient_id"].astype(str))]
+
+
+def _aligned(preds: Any, threshold: float) -> Any:
+    """Probabilities moved on the logit scale so that ``threshold`` lands on 0.5: decisions
+    and the ranking within ``preds`` are unchanged, and two models' outputs can be pooled
+    and scored at one threshold."""
+    import numpy as np
+
+    eps = 1e-7
+    p = np.clip(preds["probability"].to_numpy(np.float64), eps, 1 - eps)
+    t = min(max(threshold, eps), 1 - eps)
+    shifted = np.log(p / (1 - p)) - math.log(t / (1 - t))
+    return preds.assign(probability=1.0 / (1.0 + np.exp(-shifted)))
+
+
+def _crossfit_row(name: str, seed: int, cfg: Any, hp: dict[str, Any], prepared: Path,
+                  folder: Path, val_rows: Any, test_rows: Any, ext_rows: Any,
+                  n_bootstrap: int, target: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Two trainings, each given one patient half of the external set as unlabeled images
+    and scoring the other half; the external score pools the two (each model's output
+    aligned to its own threshold). Val and test are scored by the first model."""
+    import pandas as pd
+
+    from cxr_core.lifecycle.predict import load_model_dir
+
+    halves = patient_halves(ext_rows)
+    trained_folds, external = [], []
+    for k, half in enumerate(halves):
+        fold = folder / f"fold{k}"
+        trained_folds.append(_train_row(f"{name} fold {k}", seed, cfg, hp, prepared, fold,
+                                        unlabeled=half["path"].tolist()))
+        other = halves[1 - k]
+        loaded = load_model_dir(fold / "model")
+        external.append(_aligned(_predict(loaded, other), loaded.threshold))
+    scores = _score_sets(load_model_dir(folder / "fold0" / "model"), folder, val_rows,
+                         test_rows, ext_rows, n_bootstrap, target)
+    pooled = pd.concat(external, ignore_index=True).sort_values("path")
+    pooled.to_csv(folder / "external_predictions.csv", index=False)
+    scores["external"] = _score(pooled, 0.5, n_bootstrap, target)
+    trained = dict(trained_folds[0])
+    trained["train_seconds"] = round(sum(t["train_seconds"] for t in trained_folds), 1)
+    trained["folds"] = trained_folds
+    return trained, scores
 
 
 def _row(name: str, seed: int, args: argparse.Namespace, base: Any, prepared: Path,
@@ -324,18 +399,19 @@ def _row(name: str, seed: int, args: argparse.Namespace, base: Any, prepared: Pa
                 folder / "val_predictions.csv", index=False)
         return cached
 
-    trained = _train_row(name, seed, cfg, hp, prepared, folder)
     target = cfg.gates.recall_target_for_threshold
-    t0 = time.perf_counter()
-    scores: dict[str, Any] = {}
-    loaded = load_model_dir(folder / "model")  # threshold.json travels with the model
-    for set_name, rows in (("val", val_rows), ("test", test_rows), ("external", ext_rows)):
-        preds = _predict(loaded, rows)
-        preds.to_csv(folder / f"{set_name}_predictions.csv", index=False)
-        if set_name != "val":  # validation outputs are kept only for the seed ensemble
-            scores[set_name] = _score(preds, loaded.threshold, args.n_bootstrap, target)
+    if option["unlabeled"] == "crossfit":
+        trained, scores = _crossfit_row(name, seed, cfg, hp, prepared, folder, val_rows,
+                                        test_rows, ext_rows, args.n_bootstrap, target)
+        t0 = time.perf_counter()
+    else:
+        trained = _train_row(name, seed, cfg, hp, prepared, folder)
+        t0 = time.perf_counter()
+        scores = _score_sets(load_model_dir(folder / "model"), folder, val_rows, test_rows,
+                             ext_rows, args.n_bootstrap, target)
     row = {
         "option": name, "seed": seed, "about": option["about"],
+        "unlabeled": option["unlabeled"],
         "image_size": cfg.data.image_size, "hp": hp, "overrides": override,
         "recall_target": target, **trained,
         "score_seconds": round(time.perf_counter() - t0, 1),
@@ -358,7 +434,9 @@ def seed_ensembles(rows: list[dict], n_bootstrap: int) -> list[dict]:
         by_option.setdefault(r["option"], []).append(r)
     out = []
     for name, group in by_option.items():
-        if len(group) < 2:
+        # Cross-fitted rows pool two models' aligned outputs: no one validation output to
+        # threshold a mean of them on.
+        if len(group) < 2 or any(r.get("unlabeled") for r in group):
             continue
 
         def mean_probs(set_name: str, group=group) -> pd.DataFrame:

@@ -137,6 +137,18 @@ class LungCropConfig(_Section):
         return (self.top, self.bottom, self.sides)
 
 
+class PseudoLabelConfig(_Section):
+    """Semi-supervised use of unlabeled images from the deployment site (``cxr run
+    --unlabeled DIR``): after training, the model ranks those images; the most confident
+    ``share`` of each predicted class (the top of the ranking as PNEUMONIA, the bottom as
+    NORMAL, in proportion to the predicted prevalence) become pseudo-labels, and training
+    goes on for ``epochs`` epochs with them making up ``weight`` of each epoch."""
+
+    share: float = Field(0.5, gt=0, le=1)
+    weight: float = Field(0.25, gt=0, lt=1)
+    epochs: int = Field(3, ge=1)
+
+
 class TrainConfig(_Section):
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(32, ge=1)
@@ -157,6 +169,8 @@ class TrainConfig(_Section):
     # below them) with the image's mean, and a crop that keeps the lung fields.
     mask_annotations: Literal["none", "corners", "borders"] = "none"
     lung_crop: LungCropConfig = LungCropConfig()
+    # Used only when a run is given unlabeled site images (--unlabeled DIR).
+    pseudo_label: PseudoLabelConfig = PseudoLabelConfig()
 
 
 class ExternalGateConfig(_Section):

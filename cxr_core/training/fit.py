@@ -74,6 +74,7 @@ class TrainedModel:
     epochs_trained: int = 0
     best_epoch: int = 0
     calibration: dict[str, float] | None = None  # Platt scaling folded into the model
+    pseudo_labels: dict[str, Any] | None = None  # PseudoLabels.summary() of --unlabeled
     run_id: str | None = None  # the MLflow run that logged this training live, if any
 
 
@@ -105,13 +106,16 @@ def train_final(
     calibrate: bool = False,
     tta: bool = False,
     mask: str = "none", crop: tuple[float, float, float] = (0.0, 0.0, 0.0),
+    pseudo: Any | None = None,
 ) -> TrainedModel:
     """Retrain the best hyperparameters with early stopping on ``monitor`` (the search's
     objective; best weights restored), choose the threshold on validation, save model and
     threshold. ``callbacks`` run before early stopping (they may add the monitored metric).
     ``calibrate`` and ``tta`` shape the saved model (:func:`final_model`); the threshold is
     chosen on that model's output, the one that will be served. ``mask`` and ``crop`` are
-    the shortcut mitigations built into the model (``build_cnn``).
+    the shortcut mitigations built into the model (``build_cnn``). ``pseudo`` (a
+    :class:`~cxr_core.training.pseudo_label.PseudoLabelPlan`) adds a round of training on
+    pseudo-labeled site images after early stopping (:func:`pseudo_label_round`).
 
     ``val_ds`` must not be shuffled: its order has to match ``val_labels``.
     """
@@ -143,6 +147,14 @@ def train_final(
     if class_weight:
         fit_kwargs["class_weight"] = class_weight
     history = model.fit(train_ds, **fit_kwargs).history
+    pseudo_summary = None
+    if pseudo is not None and pseudo.unlabeled_paths:
+        from cxr_core.training.pseudo_label import pseudo_label_round
+
+        # The model's own operating point on validation sets the predicted prevalence.
+        raw_threshold = choose_threshold(val_labels, predict_proba(model, val_ds),
+                                         recall_target).threshold
+        pseudo_summary = pseudo_label_round(model, pseudo, raw_threshold, fit_kwargs).summary()
     model, calibration = final_model(model, val_ds, val_labels, image_size, calibrate, tta)
     val_prob = predict_proba(model, val_ds)
     choice = choose_threshold(val_labels, val_prob, recall_target)
@@ -161,6 +173,7 @@ def train_final(
         epochs_trained=len(val_auc),
         best_epoch=int(np.argmax(val_auc)) + 1 if val_auc else 0,
         calibration=calibration,
+        pseudo_labels=pseudo_summary,
     )
 
 
@@ -204,9 +217,18 @@ def load_threshold(model_dir: Path) -> ThresholdChoice:
 
 
 def train_best(best_hp: dict[str, Any], datasets: Datasets, cfg: ExperimentConfig,
-               work_dir: Path, verbose: int = 0, callbacks: list[Any] | None = None):
+               work_dir: Path, verbose: int = 0, callbacks: list[Any] | None = None,
+               unlabeled_paths: list[str] | None = None):
     """Final training of ``best_hp``; the model and threshold go to ``work_dir/model``.
-    ``callbacks`` are added to the shared ones (e.g. a live MLflow epoch logger)."""
+    ``callbacks`` are added to the shared ones (e.g. a live MLflow epoch logger);
+    ``unlabeled_paths``: site images for a pseudo-label round (``train.pseudo_label``)."""
+    pseudo = None
+    if unlabeled_paths:
+        from cxr_core.training.pseudo_label import PseudoLabelPlan
+
+        pl = cfg.train.pseudo_label
+        pseudo = PseudoLabelPlan(list(unlabeled_paths), datasets.train_data, pl.share, pl.weight,
+                                 pl.epochs, cfg.data.image_size, cfg.train.batch_size, cfg.seed)
     return train_final(
         best_hp, datasets.train, datasets.val, datasets.val_data.labels,
         Path(work_dir) / "model", image_size=cfg.data.image_size, epochs=cfg.train.epochs,
@@ -221,4 +243,5 @@ def train_best(best_hp: dict[str, Any], datasets: Datasets, cfg: ExperimentConfi
         tta=cfg.train.tta,
         mask=cfg.train.mask_annotations,
         crop=cfg.train.lung_crop.as_tuple(),
+        pseudo=pseudo,
     )

@@ -1,0 +1,83 @@
+"""Pseudo-labels on unlabeled site images (cxr run --unlabeled DIR)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cxr_core.data.inputs import SplitData
+from cxr_core.training.pseudo_label import mixed_split, select_pseudo_labels
+from support.images import make_good_dataset
+
+
+def test_the_ends_of_the_ranking_are_labeled_in_proportion_to_the_predicted_prevalence() -> None:
+    probs = np.linspace(0.0, 1.0, 20)  # 0, 0.053, ..., 1
+    paths = [f"img{i:02d}.png" for i in range(20)]
+    chosen = select_pseudo_labels(paths, probs, threshold=0.5, share=0.5)
+    # 10 of 20 at or above 0.5: prevalence 0.5 -> 5 from each end, the middle left out.
+    assert chosen.predicted_prevalence == 0.5
+    got = dict(zip(chosen.data.paths, chosen.data.labels.tolist()))
+    assert got == {**{f"img{i:02d}.png": 0 for i in range(5)},
+                   **{f"img{i:02d}.png": 1 for i in range(15, 20)}}
+    assert chosen.summary()["pseudo_normal"] == 5 and chosen.summary()["pseudo_pneumonia"] == 5
+
+
+def test_a_site_called_mostly_pneumonia_gets_few_normal_pseudo_labels() -> None:
+    # A shifted site: 80% of the images at or above the threshold. The NORMAL end shrinks
+    # to share * 0.2 of the images, the lowest-scored ones.
+    probs = np.r_[np.full(4, 0.1), np.full(16, 0.9)] + np.arange(20) * 1e-3
+    chosen = select_pseudo_labels([str(i) for i in range(20)], probs, 0.5, share=0.5)
+    labels = dict(zip(chosen.data.paths, chosen.data.labels.tolist()))
+    assert [p for p, y in labels.items() if y == 0] == ["0", "1"]
+    assert sorted(int(p) for p, y in labels.items() if y == 1) == list(range(12, 20))
+
+
+def test_no_unlabeled_image_labels_nothing_and_lengths_must_agree() -> None:
+    empty = select_pseudo_labels([], np.zeros(0), 0.5, 0.5)
+    assert len(empty.data) == 0 and empty.n_images == 0
+    with pytest.raises(ValueError, match="differ in length"):
+        select_pseudo_labels(["a"], np.zeros(2), 0.5, 0.5)
+
+
+def test_pseudo_labeled_images_make_up_the_asked_weight() -> None:
+    train = SplitData([f"t{i}" for i in range(300)], np.r_[np.zeros(150), np.ones(150)].astype(np.int32))
+    pseudo = SplitData(["u0", "u1", "u2", "u3", "u4"], np.array([0, 0, 1, 1, 1], np.int32))
+    mixed = mixed_split(train, pseudo, weight=0.25)
+    share = sum(p.startswith("u") for p in mixed.paths) / len(mixed)
+    assert share == pytest.approx(0.25, abs=0.01)
+    assert len(mixed.paths) == len(mixed.labels)
+    # Each copy keeps its pseudo-label.
+    assert {(p, int(y)) for p, y in zip(mixed.paths, mixed.labels) if p.startswith("u")} == {
+        ("u0", 0), ("u1", 0), ("u2", 1), ("u3", 1), ("u4", 1)}
+    assert mixed_split(train, SplitData([], np.zeros(0, np.int32)), 0.25) is train
+
+
+@pytest.mark.slow
+def test_final_training_with_unlabeled_images_records_its_pseudo_labels(tmp_path: Path) -> None:
+    from cxr_core.config import ExperimentConfig, deep_merge, load_config
+    from cxr_core.data.balance import BalancedTrainSet
+    from cxr_core.data.inputs import make_datasets
+    from cxr_core.data.splits import scan_and_split
+    from cxr_core.lifecycle.predict import load_model_dir
+    from cxr_core.training.fit import train_best
+
+    data = make_good_dataset(tmp_path / "data", n_patients=10, imgs=2)
+    site = make_good_dataset(tmp_path / "site", n_patients=6, imgs=2, seed0=500)
+    unlabeled = sorted(str(p) for p in site.rglob("*.jpeg"))
+    assert unlabeled
+    cfg = ExperimentConfig.model_validate(deep_merge(load_config(profile="quick").model_dump(), {
+        "data": {"image_size": 32, "min_val_images": 0},
+        "train": {"epochs": 1, "batch_size": 16, "pseudo_label": {"epochs": 1}},
+        "balance": {"strategy": "class_weight"}}))
+    scan = scan_and_split(data, cfg.data, cfg.seed)
+    datasets = make_datasets(BalancedTrainSet(scan.manifest, None, None), cfg)
+    hp = {"blocks": 1, "base_filters": 4, "dense_units": 8, "learning_rate": 1e-3}
+    trained = train_best(hp, datasets, cfg, tmp_path / "run", unlabeled_paths=unlabeled)
+    summary = trained.pseudo_labels
+    assert summary is not None and summary["unlabeled_images"] == len(unlabeled)
+    assert summary["pseudo_normal"] + summary["pseudo_pneumonia"] >= 1
+    # The saved model and its threshold are those of the model after the extra round.
+    loaded = load_model_dir(tmp_path / "run" / "model")
+    assert loaded.threshold == pytest.approx(trained.threshold.threshold)
