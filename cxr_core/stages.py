@@ -136,10 +136,11 @@ def search_results(run_dir: Path, cfg: ExperimentConfig) -> tuple[list[Any], dic
 
 
 def train_stage(run_dir: Path, cfg: ExperimentConfig, best_hp: dict[str, Any], verbose: int = 0,
-                live: LiveTracking | None = None) -> Any:
+                live: LiveTracking | None = None, unlabeled_paths: list[str] | None = None) -> Any:
     """Final training of the best hyperparameters; model + threshold under run_dir/model.
     With ``live``, the final-training run exists from the first epoch to the saved model
-    (per-epoch metrics as they come, system metrics), and its id is ``.run_id``."""
+    (per-epoch metrics as they come, system metrics), and its id is ``.run_id``.
+    ``unlabeled_paths``: site images for the pseudo-label round (``--unlabeled``)."""
     from cxr_core.data.balance import PREPARED_MANIFEST, BalancedTrainSet, class_weight_for
     from cxr_core.data.inputs import configure_tensorflow, make_datasets
     from cxr_core.data.manifest import read_manifest
@@ -150,14 +151,16 @@ def train_stage(run_dir: Path, cfg: ExperimentConfig, best_hp: dict[str, Any], v
     manifest = read_manifest(Path(run_dir) / PREPARED_MANIFEST)
     datasets = make_datasets(BalancedTrainSet(manifest, None, class_weight_for(manifest, cfg)), cfg)
     if live is None:
-        trained = train_best(best_hp, datasets, cfg, run_dir, verbose=verbose)
+        trained = train_best(best_hp, datasets, cfg, run_dir, verbose=verbose,
+                             unlabeled_paths=unlabeled_paths)
     else:
         from cxr_core.training.callbacks import mlflow_epoch_logger
 
         params = {**cfg.flat(), **{f"hp.{k}": v for k, v in best_hp.items()}}
         with live_run(live, "final-training", params, {"cxr.stage": "final"}) as (client, run_id):
             trained = train_best(best_hp, datasets, cfg, run_dir, verbose=verbose,
-                                 callbacks=[mlflow_epoch_logger(client, run_id)])
+                                 callbacks=[mlflow_epoch_logger(client, run_id)],
+                                 unlabeled_paths=unlabeled_paths)
         trained.run_id = run_id
     # The drift reference travels with the model (model/drift_reference.npz, logged with it).
     write_reference(Path(trained.model_path).parent, manifest, cfg.data.image_size, cfg.seed)
@@ -183,11 +186,18 @@ class ExternalData:
 
     sets: dict[str, Any]  # name -> cxr_core.data.external.ExternalScan
     calibration: Any | None = None  # an ExternalScan, or None
+    unlabeled: Any | None = None  # a cxr_core.data.unlabeled.UnlabeledScan, or None
 
     def findings(self) -> list[str]:
         """Warnings worth logging: excluded files, images and patients shared with the run."""
-        scans = [*self.sets.values(), *([self.calibration] if self.calibration else [])]
+        scans = [*self.sets.values(), *([self.calibration] if self.calibration else []),
+                 *([self.unlabeled] if self.unlabeled else [])]
         return [line for scan in scans for line in scan.findings()]
+
+    @property
+    def unlabeled_paths(self) -> list[str] | None:
+        """The unlabeled site images for the pseudo-label round (None without any)."""
+        return self.unlabeled.paths if self.unlabeled is not None else None
 
     def summary(self) -> dict[str, dict[str, Any]]:
         """Per set: folder, images scored, files excluded, shared files and patients."""
@@ -203,10 +213,12 @@ SITE_CALIBRATION_DIR = Path("evaluation") / "site_calibration"
 
 
 def external_scan_stage(sets: dict[str, str], calibration: str | None, manifest_path: Path,
-                        cfg: ExperimentConfig, run_dir: Path) -> ExternalData:
-    """Scan and check every external set and the calibration sample against the run's
-    manifest (before any training: a bad set fails the run early). InputError for a set
-    without both classes, or a calibration sample sharing images with an evaluation set."""
+                        cfg: ExperimentConfig, run_dir: Path,
+                        unlabeled: str | None = None) -> ExternalData:
+    """Scan and check every external set, the calibration sample and the unlabeled site
+    images against the run's manifest (before any training: a bad set fails the run early).
+    InputError for a set without both classes, a calibration sample sharing images with an
+    evaluation set, or unlabeled images shared with one (or with validation)."""
     from cxr_core.data.external import (
         CALIBRATION,
         check_calibration_disjoint,
@@ -227,7 +239,16 @@ def external_scan_stage(sets: dict[str, str], calibration: str | None, manifest_
         cal = scan_external_set(CALIBRATION, calibration, run_manifest, workers, warn)
         check_calibration_disjoint(cal, scans, run_manifest)
         write_scan(cal, Path(run_dir) / SITE_CALIBRATION_DIR)
-    return ExternalData(scans, cal)
+    site_images = None
+    if unlabeled:
+        from cxr_core.data.unlabeled import UNLABELED_DIR, scan_unlabeled, write_unlabeled_scan
+
+        judges = {f"external set {name!r}": s.manifest for name, s in scans.items()}
+        if cal is not None:
+            judges["the calibration sample"] = cal.manifest
+        site_images = scan_unlabeled(unlabeled, run_manifest, judges, workers)
+        write_unlabeled_scan(site_images, Path(run_dir) / UNLABELED_DIR)
+    return ExternalData(scans, cal, site_images)
 
 
 def external_stage(run_dir: Path, cfg: ExperimentConfig, evaluated: EvaluatedModel,
@@ -298,8 +319,8 @@ def live_tracking(tracking_uri: str, refs: TrackingRefs, validated: ValidatedDat
 
 
 def external_inputs(data: ExternalData | None) -> list[Any]:
-    """The external sets (context ``external``) and the calibration sample (context
-    ``calibration``) as MLflow dataset inputs."""
+    """The external sets (context ``external``), the calibration sample (context
+    ``calibration``) and the unlabeled site images (``unlabeled``) as MLflow dataset inputs."""
     from cxr_core.data.manifest import manifest_hash
     from cxr_core.lifecycle.tracking import DataInput
 
@@ -311,6 +332,12 @@ def external_inputs(data: ExternalData | None) -> list[Any]:
         cal = data.calibration
         inputs.append(DataInput("site-calibration", cal.manifest, manifest_hash(cal.manifest),
                                 cal.root, "calibration"))
+    if data.unlabeled is not None:
+        site = data.unlabeled
+        # No label column: these images have none (pseudo-labels are the model's own).
+        inputs.append(DataInput("site-unlabeled", site.manifest.drop(columns=["label"]),
+                                manifest_hash(site.manifest),
+                                site.root, "unlabeled"))
     return inputs
 
 

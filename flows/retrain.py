@@ -68,7 +68,7 @@ def _summary_markdown(result: dict[str, Any], decision: Any, evaluation: Any,
 def retrain_flow(data_dir: str | None = None, profile: str | None = None,
                  config: str | None = None, tuner_workers: int = 0,
                  resume: str | None = None, external: dict[str, str] | None = None,
-                 calibration: str | None = None) -> dict[str, Any]:
+                 calibration: str | None = None, unlabeled: str | None = None) -> dict[str, Any]:
     """Retrain on ``data_dir`` (default: the synthetic demo set) with a config profile
     (default: 'full' with a data folder, 'quick' without); ends Failed with the reason when
     validation or the gates reject. ``tuner_workers`` > 0 runs the search distributed: that
@@ -78,10 +78,13 @@ def retrain_flow(data_dir: str | None = None, profile: str | None = None,
     trials are not rerun, and changed data is refused. ``external``: name -> folder of
     external validation sets (merged over the config's ``data.external``), scored after
     training; ``calibration``: a labelled sample of the deployment site, on which a site
-    threshold is chosen beside the model's own. Both are checked before anything runs."""
+    threshold is chosen beside the model's own; ``unlabeled``: images of the deployment
+    site without labels, pseudo-labeled by the model for a further round of training
+    (``train.pseudo_label``). All are checked before anything runs."""
     logger = get_run_logger()
     settings = get_settings()
-    spec = open_run(settings, data_dir, profile, config, resume, external, calibration)
+    spec = open_run(settings, data_dir, profile, config, resume, external, calibration,
+                    unlabeled)
     logger.info("run dir %s, data %s, profile %s, tracking %s", spec.run_dir, spec.data_dir,
                 spec.profile, settings.mlflow_tracking_uri)
     logger.info("if this run is interrupted, continue it with: %s", spec.resume_command)
@@ -94,23 +97,26 @@ def retrain_flow(data_dir: str | None = None, profile: str | None = None,
 
 def open_run(settings: Settings, data_dir: str | None, profile: str | None,
              config: str | None, resume: str | None, external: dict[str, str] | None = None,
-             calibration: str | None = None) -> RunSpec:
+             calibration: str | None = None, unlabeled: str | None = None) -> RunSpec:
     """The run to work in: the stored inputs of ``resume`` (explicit ones must agree), or a
     new work directory recording these inputs (the demo data set when ``data_dir`` is None).
-    External sets and the calibration folder are checked here, before anything runs."""
+    External sets, the calibration and unlabeled folders are checked here, before anything
+    runs."""
     from cxr_core.data.external import check_calibration_folder, resolve_external_sets
+    from cxr_core.data.unlabeled import check_unlabeled_folder
 
     if resume:
         spec = load_run(settings.runs_dir, resume)
-        check_resume_args(spec, data_dir, profile, config, external, calibration)
+        check_resume_args(spec, data_dir, profile, config, external, calibration, unlabeled)
         return spec
     profile = profile or default_profile(data_dir)
     cfg = load_config(Path(config) if config else None, profile)
     sets = resolve_external_sets(cfg, external)
     site = check_calibration_folder(calibration) if calibration else None
+    site_images = check_unlabeled_folder(unlabeled) if unlabeled else None
     data = Path(data_dir) if data_dir else ensure_demo_data(
         settings, cfg.synth.n_per_class, cfg.synth.size, cfg.seed)
-    return create_run(settings.runs_dir, data, profile, cfg, sets, site)
+    return create_run(settings.runs_dir, data, profile, cfg, sets, site, site_images)
 
 
 @dataclass
@@ -167,7 +173,7 @@ def _stages(settings: Settings, spec: RunSpec, cfg: Any, refs: Any, tuner_worker
         spec = record_data(spec, validated.manifest_hash, fingerprint)
         # Scanned now (a bad set fails before training), scored only once the model exists.
         external = tasks.scan_external(spec.external, spec.calibration, validated.manifest_path,
-                                       cfg, run_dir)
+                                       cfg, run_dir, spec.unlabeled)
     live = stages.live_tracking(uri, refs, validated, cfg)  # trials and training log as they run
     with _timed(timings, "balance"):
         prepared = tasks.balance(validated.manifest_path, cfg, run_dir)
@@ -184,7 +190,7 @@ def _stages(settings: Settings, spec: RunSpec, cfg: Any, refs: Any, tuner_worker
             trials, best_hp = tasks.tune(run_dir, cfg, live)
     logger.info("search: %d trials, best %s", len(trials), best_hp)
     with _timed(timings, "train"):
-        trained = tasks.train(run_dir, cfg, best_hp, live)
+        trained = tasks.train(run_dir, cfg, best_hp, live, external.unlabeled_paths)
     with _timed(timings, "evaluate"):
         evaluated = tasks.evaluate(run_dir, cfg, prepared)
         evaluated = tasks.score_external(run_dir, cfg, evaluated, external)
@@ -221,6 +227,7 @@ def _result(settings: Settings, o: _Outcome) -> dict[str, Any]:
                          for k, v in o.evaluated.robustness.items()
                          if k.startswith("robust_worst_")},
         "calibration": o.trained.calibration,
+        "pseudo_labels": o.trained.pseudo_labels,
         "best_hyperparameters": o.trained.hyperparameters,
         "trials": len(o.trials),
         "stage_seconds": {k: round(v, 1) for k, v in o.timings.items()},

@@ -22,7 +22,8 @@ class RunSpec:
     """A run's inputs. ``manifest_hash`` (content of the data set) and ``data_fingerprint``
     (its file listing) are recorded after the first successful validation. ``external``:
     external set name -> absolute folder (the config's list merged with --external);
-    ``calibration``: the site-calibration sample's folder, if any."""
+    ``calibration``: the site-calibration sample's folder, if any; ``unlabeled``: the
+    folder of unlabeled site images for pseudo-labels, if any."""
 
     run_dir: Path
     data_dir: Path
@@ -31,6 +32,7 @@ class RunSpec:
     data_fingerprint: str | None = None
     external: dict[str, str] = field(default_factory=dict)
     calibration: str | None = None
+    unlabeled: str | None = None
 
     @property
     def name(self) -> str:
@@ -56,7 +58,8 @@ def default_profile(data_dir: object | None) -> str:
 
 
 def create_run(runs_dir: Path, data_dir: Path, profile: str, cfg: ExperimentConfig,
-               external: dict[str, str] | None = None, calibration: str | None = None) -> RunSpec:
+               external: dict[str, str] | None = None, calibration: str | None = None,
+               unlabeled: str | None = None) -> RunSpec:
     """A new work directory holding the run's spec (with its external sets and calibration
     sample, already resolved: :func:`cxr_core.data.external.resolve_external_sets`) and its
     resolved config."""
@@ -65,7 +68,7 @@ def create_run(runs_dir: Path, data_dir: Path, profile: str, cfg: ExperimentConf
     from cxr_core.stages import new_run_dir
 
     spec = RunSpec(new_run_dir(runs_dir), Path(data_dir).resolve(), profile,
-                   external=dict(external or {}), calibration=calibration)
+                   external=dict(external or {}), calibration=calibration, unlabeled=unlabeled)
     spec.config_path.write_text(
         yaml.safe_dump(cfg.model_dump(mode="json", exclude={"profile"}), sort_keys=False),
         encoding="utf-8")
@@ -85,7 +88,7 @@ def load_run(runs_dir: Path, name: str) -> RunSpec:
         raw = json.loads(path.read_text(encoding="utf-8"))
         return RunSpec(run_dir, Path(raw["data_dir"]), raw["profile"], raw.get("manifest_hash"),
                        raw.get("data_fingerprint"), dict(raw.get("external") or {}),
-                       raw.get("calibration"))
+                       raw.get("calibration"), raw.get("unlabeled"))
     except FileNotFoundError:
         raise InputError(f"cannot resume {name!r}: {path} is missing (a run started before "
                          "runs recorded their inputs, or not a run folder)") from None
@@ -95,10 +98,13 @@ def load_run(runs_dir: Path, name: str) -> RunSpec:
 
 def check_resume_args(spec: RunSpec, data_dir: str | Path | None, profile: str | None,
                       config: str | Path | None, external: dict[str, str] | None = None,
-                      calibration: str | Path | None = None) -> None:
+                      calibration: str | Path | None = None,
+                      unlabeled: str | Path | None = None) -> None:
     """A resume reuses the run's inputs; explicit ones that differ are refused (they would
     silently mix two experiments in one tuner directory, or judge it on other sets)."""
     conflicts = _external_conflicts(spec, external, calibration)
+    if unlabeled is not None and str(Path(unlabeled).resolve()) != spec.unlabeled:
+        conflicts.append(f"unlabeled folder {unlabeled} (the run's: {spec.unlabeled or 'none'})")
     if data_dir is not None and Path(data_dir).resolve() != spec.data_dir:
         conflicts.append(f"data folder {data_dir} (the run's: {spec.data_dir})")
     if profile is not None and profile != spec.profile:

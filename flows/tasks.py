@@ -75,9 +75,11 @@ def tune(run_dir: Path, cfg: ExperimentConfig,
 
 
 @task(name="train", **COMPUTE)
-def train(run_dir: Path, cfg: ExperimentConfig, best_hp: dict[str, Any], live: Any | None = None) -> Any:
-    """``live``: a LiveTracking, so the final training is an MLflow run while it trains."""
-    return stages.train_stage(run_dir, cfg, best_hp, live=live)
+def train(run_dir: Path, cfg: ExperimentConfig, best_hp: dict[str, Any], live: Any | None = None,
+          unlabeled_paths: list[str] | None = None) -> Any:
+    """``live``: a LiveTracking, so the final training is an MLflow run while it trains;
+    ``unlabeled_paths``: site images for the pseudo-label round."""
+    return stages.train_stage(run_dir, cfg, best_hp, live=live, unlabeled_paths=unlabeled_paths)
 
 
 @task(name="evaluate", **COMPUTE)
@@ -87,10 +89,12 @@ def evaluate(run_dir: Path, cfg: ExperimentConfig, manifest_path: Path) -> stage
 
 @task(name="scan-external", **COMPUTE)
 def scan_external(sets: dict[str, str], calibration: str | None, manifest_path: Path,
-                  cfg: ExperimentConfig, run_dir: Path) -> stages.ExternalData:
-    """Scan and check the external sets and the calibration sample (before any training);
-    every finding (excluded files, images or patients shared with the run) is a warning."""
-    data = stages.external_scan_stage(sets, calibration, manifest_path, cfg, run_dir)
+                  cfg: ExperimentConfig, run_dir: Path,
+                  unlabeled: str | None = None) -> stages.ExternalData:
+    """Scan and check the external sets, the calibration sample and the unlabeled site
+    images (before any training); every finding (excluded files, images or patients shared
+    with the run) is a warning."""
+    data = stages.external_scan_stage(sets, calibration, manifest_path, cfg, run_dir, unlabeled)
     for line in data.findings():
         get_run_logger().warning("external data: %s", line)
     return data

@@ -257,13 +257,38 @@ def scan_dataset(data_dir: Path, workers: int = 0) -> ScanResult:
     """
     root = find_data_root(Path(data_dir)).resolve()
     listing = list_dataset(root)
+    return ScanResult(
+        root=root,
+        manifest=_inspected_manifest(root, listing.files, workers),
+        skipped=listing.skipped,
+        empty_class_dirs=listing.empty_class_dirs,
+        unknown_class_dirs=listing.unknown_class_dirs,
+        loose_files=listing.loose_files,
+    )
+
+
+def scan_images(folder: Path, workers: int = 0) -> ScanResult:
+    """Every image file below ``folder`` in any layout, unlabeled (label None, split
+    ``"unlabeled"``), inspected as :func:`scan_dataset` inspects a data set's files."""
+    root = Path(folder).resolve()
+    if not root.is_dir():
+        raise DataLayoutError(f"{folder}: not a directory")
+    listing = _Listing()
+    files = [(f, "unlabeled", None) for f in _walk_files(root, listing)]
+    return ScanResult(root=root, manifest=_inspected_manifest(root, files, workers),
+                      skipped=listing.skipped)
+
+
+def _inspected_manifest(root: Path, files: list[tuple[Path, str, str | None]],
+                        workers: int) -> pd.DataFrame:
+    """One manifest row per (path, split, label), each file hashed and decoded."""
     workers = workers or (os.cpu_count() or 1)
-    has_dicom = any(dicom.is_dicom(p) for p, _, _ in listing.files)
+    has_dicom = any(dicom.is_dicom(p) for p, _, _ in files)
     # The salt is read (or created under the home) only when there is DICOM to pseudonymize.
     salt = dicom.pseudonym_salt() if has_dicom else None
-    inspected = _inspect_all([str(p) for p, _, _ in listing.files], workers, salt)
+    inspected = _inspect_all([str(p) for p, _, _ in files], workers, salt)
     rows = []
-    for (path, split, label), info in zip(listing.files, inspected):
+    for (path, split, label), info in zip(files, inspected):
         pseudonym = info.pop("patient_pseudonym", None)
         rows.append({
             **info,
@@ -285,14 +310,7 @@ def scan_dataset(data_dir: Path, workers: int = 0) -> ScanResult:
     })
     if has_dicom:
         manifest = manifest.astype({"dicom_pixel_spacing": "Float64", "dicom_bits_stored": "Int64"})
-    return ScanResult(
-        root=root,
-        manifest=manifest,
-        skipped=listing.skipped,
-        empty_class_dirs=listing.empty_class_dirs,
-        unknown_class_dirs=listing.unknown_class_dirs,
-        loose_files=listing.loose_files,
-    )
+    return manifest
 
 
 def listing_fingerprint(data_dir: Path) -> str:

@@ -400,7 +400,9 @@ def _log_final_metrics(client: Any, parent: str, final: str, trained: Any, evalu
                                 "val_specificity_at_threshold": t.specificity,
                                 "epochs_trained": trained.epochs_trained,
                                 **{f"calibration_{k}": v for k, v in
-                                   (trained.calibration or {}).items()}})
+                                   (trained.calibration or {}).items()},
+                                **{f"pseudo_label_{k}": v for k, v in
+                                   (getattr(trained, "pseudo_labels", None) or {}).items()}})
     log_metrics(client, final, evaluated.robustness)
     log_metrics(client, parent, {**test_metrics, **evaluated.robustness})
     # External sets (external_<name>_<metric>, with interval bounds) and the site threshold.

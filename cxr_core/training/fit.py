@@ -130,16 +130,8 @@ def train_final(
                       intensity_norm=intensity_norm, label_smoothing=label_smoothing,
                       mask=mask, crop=crop,
                       **{k: hyperparameters[k] for k in keys if k in hyperparameters})
-    mode = monitor_mode(monitor)
-    # Validation AUC swung between epochs on the real data (0.999 -> 0.943 -> 0.999): halving
-    # the rate when it stalls lets the last epochs settle instead of jumping between minima.
-    callbacks = [*(callbacks or []), progress_callback("final training"),
-                 keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode=mode, factor=0.5,
-                                                   patience=1, min_lr=1e-5)]
-    if patience:
-        callbacks.append(keras.callbacks.EarlyStopping(
-            monitor=monitor, mode=mode, patience=patience, restore_best_weights=True))
-    fit_kwargs: dict[str, Any] = dict(validation_data=val_ds, epochs=epochs, callbacks=callbacks,
+    fit_kwargs: dict[str, Any] = dict(validation_data=val_ds, epochs=epochs,
+                                      callbacks=_final_callbacks(callbacks, monitor, patience),
                                       shuffle=False,  # tf.data already reshuffles each epoch
                                       verbose=verbose)
     if steps_per_epoch:
@@ -147,14 +139,7 @@ def train_final(
     if class_weight:
         fit_kwargs["class_weight"] = class_weight
     history = model.fit(train_ds, **fit_kwargs).history
-    pseudo_summary = None
-    if pseudo is not None and pseudo.unlabeled_paths:
-        from cxr_core.training.pseudo_label import pseudo_label_round
-
-        # The model's own operating point on validation sets the predicted prevalence.
-        raw_threshold = choose_threshold(val_labels, predict_proba(model, val_ds),
-                                         recall_target).threshold
-        pseudo_summary = pseudo_label_round(model, pseudo, raw_threshold, fit_kwargs).summary()
+    pseudo_summary = _pseudo_labels(model, pseudo, val_labels, recall_target, fit_kwargs)
     model, calibration = final_model(model, val_ds, val_labels, image_size, calibrate, tta)
     val_prob = predict_proba(model, val_ds)
     choice = choose_threshold(val_labels, val_prob, recall_target)
@@ -175,6 +160,35 @@ def train_final(
         calibration=calibration,
         pseudo_labels=pseudo_summary,
     )
+
+
+def _pseudo_labels(model: Any, pseudo: Any | None, val_labels: np.ndarray,
+                   recall_target: float, fit_kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    """The pseudo-label round of ``pseudo`` (None: no round, no summary)."""
+    if pseudo is None or not pseudo.unlabeled_paths:
+        return None
+    from cxr_core.training.pseudo_label import pseudo_label_round
+
+    # The model's own operating point on validation sets the predicted prevalence.
+    raw = choose_threshold(val_labels, predict_proba(model, fit_kwargs["validation_data"]),
+                           recall_target)
+    return pseudo_label_round(model, pseudo, raw.threshold, fit_kwargs).summary()
+
+
+def _final_callbacks(extra: list[Any] | None, monitor: str, patience: int) -> list[Any]:
+    """``extra``, progress lines, learning-rate halving and early stopping on ``monitor``."""
+    import keras
+
+    mode = monitor_mode(monitor)
+    # Validation AUC swung between epochs on the real data (0.999 -> 0.943 -> 0.999): halving
+    # the rate when it stalls lets the last epochs settle instead of jumping between minima.
+    callbacks = [*(extra or []), progress_callback("final training"),
+                 keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode=mode, factor=0.5,
+                                                   patience=1, min_lr=1e-5)]
+    if patience:
+        callbacks.append(keras.callbacks.EarlyStopping(
+            monitor=monitor, mode=mode, patience=patience, restore_best_weights=True))
+    return callbacks
 
 
 def final_model(model: Any, val_ds: Any, val_labels: np.ndarray, image_size: int,

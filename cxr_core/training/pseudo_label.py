@@ -108,10 +108,11 @@ def unlabeled_probabilities(model: Any, paths: list[str], image_size: int,
 
 def pseudo_label_round(model: Any, plan: PseudoLabelPlan, threshold: float,
                        fit_kwargs: dict[str, Any]) -> PseudoLabels:
-    """Label the site images with ``model`` (at its validation ``threshold``), then train on
-    for ``plan.epochs`` epochs on the labeled images mixed with the pseudo-labeled ones.
-    ``fit_kwargs`` are the final training's (validation data, class weights, verbosity);
-    the optimizer goes on from where training ended (its reduced learning rate included)."""
+    """Label the site images with ``model`` (at its own operating point ``threshold``, chosen
+    on validation), then train on for ``plan.epochs`` epochs on the labeled images mixed
+    with the pseudo-labeled ones. ``fit_kwargs`` are the final training's (validation data,
+    class weights, verbosity); the optimizer goes on from where training ended (its reduced
+    learning rate included)."""
     from cxr_core.data.inputs import make_dataset
     from cxr_core.training.callbacks import progress_callback
 

@@ -36,6 +36,13 @@ def run(
         "the version tag cxr.site_threshold (the model's own threshold is unchanged; use it "
         "with `cxr predict --threshold site`). It must share no image with an external set or "
         "the test split.")] = None,
+    unlabeled: Annotated[Path | None, typer.Option(
+        "--unlabeled", help="Unlabeled images from the deployment site (any folder layout; "
+        "folder names are not read as labels): after early stopping the model labels the "
+        "most confident ends of its ranking of them and trains on for train.pseudo_label."
+        "epochs epochs with those pseudo-labels beside the labelled images. Must share no "
+        "image with the validation or test split, an external set or the calibration "
+        "sample.")] = None,
     tuner_workers: Annotated[int, typer.Option(
         "--tuner-workers", help="Distributed search: start this many tuner workers as runs of "
         "the tune-worker deployment (needs `cxr deploy` and workers on its pool).")] = 0,
@@ -53,7 +60,7 @@ def run(
     settings = get_settings()
     try:
         result = _retrain(settings, data_dir, profile, config, resume, tuner_workers,
-                          external or [], calibration)
+                          external or [], calibration, unlabeled)
     except Exception as exc:
         if json_out is not None and exit_code(exc) is not None:
             _write_json(json_out, failure_record(exc))
@@ -68,7 +75,7 @@ def run(
 
 def _retrain(settings: Any, data_dir: Path | None, profile: str | None, config: Path | None,
              resume: str | None, tuner_workers: int, external_opts: list[str],
-             calibration: Path | None) -> dict[str, Any]:
+             calibration: Path | None, unlabeled: Path | None = None) -> dict[str, Any]:
     """Check the inputs (in a second, before Prefect starts), then run the flow."""
     import os
 
@@ -78,12 +85,13 @@ def _retrain(settings: Any, data_dir: Path | None, profile: str | None, config: 
         resolve_external_sets,
     )
     from cxr_core.data.manifest import find_data_root
+    from cxr_core.data.unlabeled import check_unlabeled_folder
     from flows.run_spec import check_resume_args, default_profile, load_run
 
     external = parse_external_options(external_opts)  # InputError: malformed, a name twice
     if resume:
         check_resume_args(load_run(settings.runs_dir, resume), data_dir, profile, config,
-                          external, calibration)
+                          external, calibration, unlabeled)
     else:
         cfg = load_cfg(config, profile or default_profile(data_dir))
         if data_dir is not None:
@@ -91,6 +99,8 @@ def _retrain(settings: Any, data_dir: Path | None, profile: str | None, config: 
         resolve_external_sets(cfg, external)  # missing folders, gates naming unknown sets
         if calibration is not None:
             check_calibration_folder(calibration)
+        if unlabeled is not None:
+            check_unlabeled_folder(unlabeled)
     if settings.prefect_api_url:
         os.environ.setdefault("PREFECT_API_URL", settings.prefect_api_url)
     from flows.retrain import retrain_flow
@@ -98,7 +108,8 @@ def _retrain(settings: Any, data_dir: Path | None, profile: str | None, config: 
     return retrain_flow(data_dir=str(data_dir.resolve()) if data_dir else None, profile=profile,
                         config=str(config.resolve()) if config else None,
                         tuner_workers=tuner_workers, resume=resume, external=external or None,
-                        calibration=str(calibration.resolve()) if calibration else None)
+                        calibration=str(calibration.resolve()) if calibration else None,
+                        unlabeled=str(unlabeled.resolve()) if unlabeled else None)
 
 
 def failure_record(exc: BaseException) -> dict[str, Any]:
@@ -127,6 +138,10 @@ def _print_result(result: dict[str, Any], settings: Any) -> None:
     for name, ext in (result.get("external_metrics") or {}).items():
         typer.echo(f"external {name}: " + ", ".join(
             f"{k} {ext[k]:.3f}" for k in ("accuracy", "recall", "specificity", "roc_auc") if k in ext))
+    if result.get("pseudo_labels"):
+        pl = result["pseudo_labels"]
+        typer.echo(f"pseudo-labels: {pl['pseudo_normal']} NORMAL and {pl['pseudo_pneumonia']} "
+                   f"PNEUMONIA of {pl['unlabeled_images']} unlabeled site images")
     if result.get("site_threshold"):
         site = result["site_threshold"]
         typer.echo(f"site threshold {site['threshold']:.4f} (recall {site['recall']:.3f}, "

@@ -282,6 +282,7 @@ def test_bad_external_sets_exit_2_before_anything_runs(tmp_path: Path, cli_env) 
         (["run", "--external", f"b={missing}"], f"external set 'b': {missing}"),
         (["run", "--config", str(gated), "--external", f"b={good}"], "'site-x'"),
         (["run", "--calibration", str(missing)], "--calibration"),
+        (["run", "--unlabeled", str(missing)], f"--unlabeled {missing}: no such folder"),
         (["predict", str(tmp_path / "afile"), "--threshold", "best"], "--threshold"),
         (["predict", str(tmp_path / "afile"), "--model", str(tiny_model_dir(tmp_path / "m")),
           "--threshold", "site"], "no site threshold"),

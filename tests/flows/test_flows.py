@@ -122,13 +122,14 @@ def _flow_logs(flow_run_id) -> str:
 
 @pytest.fixture(scope="module")
 def site_data(tmp_path_factory) -> dict[str, Path]:
-    """Another 'site' (an external set: its train/val/test folders all count) and a labelled
-    calibration sample, from the same generator with other seeds: 40 images each."""
+    """Another 'site' (an external set: its train/val/test folders all count), a labelled
+    calibration sample and unlabeled site images (their folder names are not read), from the
+    same generator with other seeds: 40 images each."""
     from cxr_core.data.synth import synthesize_dataset
 
     root = tmp_path_factory.mktemp("sites")
     out = {}
-    for name, seed in (("site-b", 1), ("calibration", 2)):
+    for name, seed in (("site-b", 1), ("calibration", 2), ("unlabeled", 3)):
         synthesize_dataset(root / name, n_per_class=20, size=96, seed=seed)
         out[name] = root / name
     return out
@@ -143,13 +144,15 @@ def test_retrain_end_to_end_registers_and_stores_in_s3(env, learnable_data, site
 
     # Calibration and test-time augmentation on: the wrapped model must survive logging,
     # registration, Grad-CAM figures and loading through models:/. An external set with a
-    # gate, and a site-calibration sample, ride along (scored after training: no extra run).
+    # gate, and a site-calibration sample, ride along (scored after training: no extra run),
+    # and unlabeled site images add a pseudo-label round to the final training.
     config = _config(tmp_path, **deep_merge(LEARNABLE, {
         "train": {"calibrate": True, "tta": True},
         "gates": {"external": {"site-b": {"min_roc_auc": 0.3}}}}))
     state = retrain_flow(data_dir=str(learnable_data), profile="quick", config=config,
                          external={"site-b": str(site_data["site-b"])},
-                         calibration=str(site_data["calibration"]), return_state=True)
+                         calibration=str(site_data["calibration"]),
+                         unlabeled=str(site_data["unlabeled"]), return_state=True)
     assert state.is_completed(), state.message
     result = state.result()
     assert result["model_version"] == "1" and result["gate_passed"] is True
@@ -214,6 +217,10 @@ def _check_external_results(result, client, parent, final, keys, loaded) -> None
     contexts = {i.dataset.name: {t.value for t in i.tags} for i in final.inputs.dataset_inputs}
     assert contexts["external-site-b"] == {"external"}
     assert contexts["site-calibration"] == {"calibration"}
+    assert contexts["site-unlabeled"] == {"unlabeled"}
+    pseudo = result["pseudo_labels"]
+    assert pseudo["unlabeled_images"] == 40 and pseudo["pseudo_normal"] + pseudo["pseudo_pneumonia"] >= 1
+    assert final.data.metrics["pseudo_label_unlabeled_images"] == 40
     decision = json.loads(Path(client.download_artifacts(
         final.info.run_id, "gate_decision.json")).read_text())
     assert {"name": "external_site-b_min_roc_auc", "passed": True}.items() <= next(

@@ -93,9 +93,10 @@ def test_a_run_stores_its_external_sets_and_calibration_for_the_resume(tmp_path,
                                                                        good_dataset) -> None:
     site_b, cal = tmp_path / "site-b", tmp_path / "cal"
     spec = create_run(tmp_path / "runs", good_dataset, "quick", load_config(None, "quick"),
-                      external={"site-b": str(site_b)}, calibration=str(cal))
+                      external={"site-b": str(site_b)}, calibration=str(cal),
+                      unlabeled=str(tmp_path / "site-images"))
     again = load_run(tmp_path / "runs", spec.name)
-    assert again == spec
+    assert again == spec and again.unlabeled == str(tmp_path / "site-images")
     assert again.external == {"site-b": str(site_b)} and again.calibration == str(cal)
     stored = json.loads((spec.run_dir / SPEC_FILE).read_text())
     assert stored["external"] == {"site-b": str(site_b)} and stored["calibration"] == str(cal)
@@ -107,8 +108,11 @@ def test_a_run_stores_its_external_sets_and_calibration_for_the_resume(tmp_path,
         check_resume_args(again, None, None, None, {"site-c": str(site_b)})
     with pytest.raises(InputError, match=r"calibration .*other \(the run's: .*cal\)"):
         check_resume_args(again, None, None, None, None, tmp_path / "other")
+    check_resume_args(again, None, None, None, None, None, tmp_path / "site-images")
+    with pytest.raises(InputError, match=r"unlabeled folder .*other \(the run's: .*site-images\)"):
+        check_resume_args(again, None, None, None, None, None, tmp_path / "other")
     # A run from before external sets existed reads back with none.
-    stored.pop("external"), stored.pop("calibration")
+    stored.pop("external"), stored.pop("calibration"), stored.pop("unlabeled")
     (spec.run_dir / SPEC_FILE).write_text(json.dumps(stored))
     old = load_run(tmp_path / "runs", spec.name)
-    assert old.external == {} and old.calibration is None
+    assert old.external == {} and old.calibration is None and old.unlabeled is None
