@@ -107,6 +107,9 @@ OPTIONS: dict[str, dict[str, Any]] = {
                   "config": {"train": {"lung_crop": {"top": 0.08, "bottom": 0.2, "sides": 0.05}}}},
     "marker-augment": {"about": "synthetic markers and text pasted onto both classes (p 0.5)",
                        "config": {"balance": {"augment": {"synthetic_marker_prob": 0.5}}}},
+    "ema": {"about": "weight averaging: EMA of the weights (momentum 0.99 per step), "
+                     "swapped in at every epoch end",
+            "config": {"train": {"ema_momentum": 0.99}}},
     # Semi-supervised (cxr run --unlabeled DIR), cross-fitted so that no external image is
     # scored by a model that saw it, even unlabeled: the external set is split in two by
     # patient; the model pseudo-labeled on one half scores the other, and the reverse.

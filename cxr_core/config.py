@@ -169,6 +169,10 @@ class TrainConfig(_Section):
     # below them) with the image's mean, and a crop that keeps the lung fields.
     mask_annotations: Literal["none", "corners", "borders"] = "none"
     lung_crop: LungCropConfig = LungCropConfig()
+    # Weight averaging in the final training: an exponential moving average of the weights
+    # (this momentum per step; 0 = off) replaces them at the end of every epoch, so
+    # validation, early stopping and the saved model all see the averaged weights.
+    ema_momentum: float = Field(0.0, ge=0, lt=1)
     # Used only when a run is given unlabeled site images (--unlabeled DIR).
     pseudo_label: PseudoLabelConfig = PseudoLabelConfig()
 

@@ -107,6 +107,7 @@ def train_final(
     tta: bool = False,
     mask: str = "none", crop: tuple[float, float, float] = (0.0, 0.0, 0.0),
     pseudo: Any | None = None,
+    ema_momentum: float = 0.0,
 ) -> TrainedModel:
     """Retrain the best hyperparameters with early stopping on ``monitor`` (the search's
     objective; best weights restored), choose the threshold on validation, save model and
@@ -116,6 +117,7 @@ def train_final(
     the shortcut mitigations built into the model (``build_cnn``). ``pseudo`` (a
     :class:`~cxr_core.training.pseudo_label.PseudoLabelPlan`) adds a round of training on
     pseudo-labeled site images after early stopping (:func:`pseudo_label_round`).
+    ``ema_momentum`` > 0 averages the weights (:func:`_ema_options`).
 
     ``val_ds`` must not be shuffled: its order has to match ``val_labels``.
     """
@@ -129,6 +131,7 @@ def train_final(
     model = build_cnn(image_size, augment=augment, mixed_precision=mixed_precision, seed=seed,
                       intensity_norm=intensity_norm, label_smoothing=label_smoothing,
                       mask=mask, crop=crop,
+                      optimizer_options=_ema_options(ema_momentum, train_ds, steps_per_epoch),
                       **{k: hyperparameters[k] for k in keys if k in hyperparameters})
     fit_kwargs: dict[str, Any] = dict(validation_data=val_ds, epochs=epochs,
                                       callbacks=_final_callbacks(callbacks, monitor, patience),
@@ -160,6 +163,18 @@ def train_final(
         calibration=calibration,
         pseudo_labels=pseudo_summary,
     )
+
+
+def _ema_options(momentum: float, train_ds: Any, steps_per_epoch: int | None) -> dict[str, Any]:
+    """Adam's weight-averaging options: the average replaces the weights at the last step of
+    every epoch (so each epoch's validation, early stopping's best weights and the saved
+    model are the averaged ones). {} when ``momentum`` is 0."""
+    if not momentum:
+        return {}
+    steps = steps_per_epoch or int(train_ds.cardinality())
+    if steps < 1:  # unknown or infinite: the average replaces the weights once, at the end
+        steps = None
+    return {"use_ema": True, "ema_momentum": momentum, "ema_overwrite_frequency": steps}
 
 
 def _pseudo_labels(model: Any, pseudo: Any | None, val_labels: np.ndarray,
@@ -258,4 +273,5 @@ def train_best(best_hp: dict[str, Any], datasets: Datasets, cfg: ExperimentConfi
         mask=cfg.train.mask_annotations,
         crop=cfg.train.lung_crop.as_tuple(),
         pseudo=pseudo,
+        ema_momentum=cfg.train.ema_momentum,
     )

@@ -154,12 +154,14 @@ def build_cnn(
     label_smoothing: float = 0.0,
     bn_momentum: float = 0.9,
     mask: str = "none", crop: tuple[float, float, float] = (0.0, 0.0, 0.0),
+    optimizer_options: dict[str, Any] | None = None,
 ) -> Any:
     """A CNN built for accuracy per CPU-second: a stride-2 stem with pooling, conv blocks with
     batch norm (one or two convs, optionally separable and residual) that halve the
     resolution, global pooling, dropout and a small dense head. Compiled with binary
     cross-entropy (optionally label-smoothed) and the named metrics. ``mask`` and ``crop``
     are the shortcut mitigations (:func:`shortcut_mitigations`), applied before anything else.
+    ``optimizer_options`` go to Adam beside the learning rate (e.g. weight averaging).
 
     ``bn_momentum`` is 0.9 rather than Keras' 0.99: with a few hundred steps per epoch the
     slower moving averages lag the weights, and validation metrics (computed with those
@@ -213,7 +215,7 @@ def build_cnn(
     # The output stays float32: a sigmoid in bfloat16 loses the resolution thresholds need.
     outputs = layers.Dense(1, activation="sigmoid", dtype="float32", name="pneumonia")(x)
     model = keras.Model(inputs, outputs, name="cxr_cnn")
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate),
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate, **(optimizer_options or {})),
                   loss=keras.losses.BinaryCrossentropy(label_smoothing=label_smoothing),
                   metrics=compiled_metrics())
     return model
