@@ -214,7 +214,15 @@ def build_cnn(
             x = layers.Dropout(dropout / 2, seed=seed + 1, dtype=policy)(x)
     # The output stays float32: a sigmoid in bfloat16 loses the resolution thresholds need.
     outputs = layers.Dense(1, activation="sigmoid", dtype="float32", name="pneumonia")(x)
-    model = keras.Model(inputs, outputs, name="cxr_cnn")
+    return _compiled(keras.Model(inputs, outputs, name="cxr_cnn"), learning_rate,
+                     label_smoothing, optimizer_options)
+
+
+def _compiled(model: Any, learning_rate: float, label_smoothing: float,
+              optimizer_options: dict[str, Any] | None) -> Any:
+    """``model`` compiled with Adam, (label-smoothed) binary cross-entropy and the metrics."""
+    import keras
+
     model.compile(optimizer=keras.optimizers.Adam(learning_rate, **(optimizer_options or {})),
                   loss=keras.losses.BinaryCrossentropy(label_smoothing=label_smoothing),
                   metrics=compiled_metrics())
