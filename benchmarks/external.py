@@ -147,6 +147,21 @@ def resolve_option(name: str) -> dict[str, Any]:
     return {"config": config, "hp": hp, "about": "; ".join(about), "unlabeled": unlabeled}
 
 
+# Settings added to the config after rows were first cached: left out of a row's cache key
+# while at their defaults, so that adding a setting does not retrain every cached row.
+KEY_OMITS_AT_DEFAULT = (("train", "ema_momentum"), ("train", "pseudo_label"))
+
+
+def _key_config(cfg: Any) -> dict[str, Any]:
+    """``cfg`` as a dict for the cache key (see :data:`KEY_OMITS_AT_DEFAULT`)."""
+    dumped = cfg.model_dump()
+    defaults = type(cfg)().model_dump()
+    for section, key in KEY_OMITS_AT_DEFAULT:
+        if dumped[section].get(key) == defaults[section].get(key):
+            dumped[section].pop(key, None)
+    return dumped
+
+
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -389,7 +404,7 @@ def _row(name: str, seed: int, args: argparse.Namespace, base: Any, prepared: Pa
         raise SystemExit(f"option {name!r} changes the shared carving ({', '.join(changed)}): "
                          "every option must train on the same carving")
     hp = {**BASE_HP, **json.loads(args.hp or "{}"), **option["hp"]}
-    train_key = _digest({"cfg": cfg.model_dump(), "hp": hp, "carving": carving["id"]})[:10]
+    train_key = _digest({"cfg": _key_config(cfg), "hp": hp, "carving": carving["id"]})[:10]
     folder = work / "rows" / name / f"seed{seed}-{train_key}"
     _write_json(folder / "settings.json", {"option": name, "seed": seed, "hp": hp,
                                            "config": cfg.model_dump(), "carving": carving["id"]})

@@ -39,10 +39,14 @@ class GateThresholds:
 
 @dataclass(frozen=True)
 class PairedComparison:
-    """McNemar's exact test of candidate vs champion on the same images.
+    """McNemar's test of candidate vs champion on the same images.
 
     ``champion_only``: images the champion got right and the candidate wrong (b);
     ``candidate_only``: the reverse (c). A regression is b > c with p < alpha.
+    ``test``: "exact" (binomial test on b and c: images, or patients of one image each) or
+    "clustered" (:func:`mcnemar_clustered`: some patient has several images, so patients,
+    not images, are the unit). ``n_patients``: patients among the ``n`` images (None when
+    no patient ids were given).
     """
 
     subset: str              # "all" (accuracy) or "positives" (recall)
@@ -50,6 +54,8 @@ class PairedComparison:
     champion_only: int
     candidate_only: int
     p_value: float
+    test: str = "exact"
+    n_patients: int | None = None
 
 
 @dataclass(frozen=True)
@@ -116,18 +122,57 @@ def mcnemar_exact(champion_only: int, candidate_only: int) -> float:
     return float(min(1.0, 2.0 * tail))
 
 
+def mcnemar_clustered(champion_only: Sequence[int] | np.ndarray,
+                      candidate_only: Sequence[int] | np.ndarray) -> float:
+    """Two-sided p-value of McNemar's test for clustered matched pairs (Durkalski et al.
+    2003, Stat Med 22:2417), from the discordant counts within each patient k:
+    X^2 = (sum_k (b_k - c_k))^2 / sum_k (b_k - c_k)^2 against chi-square with 1 degree of
+    freedom. A patient's images move together, so many images of one patient count as one
+    patient's evidence, not as many independent pairs. With one image per patient it is
+    the uncorrected McNemar statistic (b - c)^2 / (b + c). No imbalance within any patient
+    (e.g. no discordant pairs): p = 1."""
+    from scipy.stats import chi2
+
+    b, c = np.asarray(champion_only, np.float64), np.asarray(candidate_only, np.float64)
+    if b.ndim != 1 or b.shape != c.shape:
+        raise ValueError("per-patient discordant counts must be two vectors of one length")
+    d = b - c
+    denominator = float((d**2).sum())
+    if denominator == 0.0:
+        return 1.0
+    return float(chi2.sf(float(d.sum()) ** 2 / denominator, 1))
+
+
 def paired_comparison(y_true: np.ndarray, candidate_pred: np.ndarray, champion_pred: np.ndarray,
-                      subset: str = "all") -> PairedComparison:
-    """Compare two models' 0/1 predictions on the same images (``subset`` all or positives)."""
+                      subset: str = "all", groups: Any = None) -> PairedComparison:
+    """Compare two models' 0/1 predictions on the same images (``subset`` all or positives).
+
+    ``groups``: the patient id of each image (None: images are the unit). When a patient
+    has more than one image in the subset the patient-clustered test decides
+    (:func:`mcnemar_clustered`); otherwise McNemar's exact test on the image counts. An
+    image without a patient id counts as a patient of its own."""
     y_true = np.asarray(y_true).astype(int)
     cand_ok = np.asarray(candidate_pred).astype(int) == y_true
     champ_ok = np.asarray(champion_pred).astype(int) == y_true
     if not (len(y_true) == len(cand_ok) == len(champ_ok)):
         raise ValueError("predictions must cover the same images")
     mask = y_true == 1 if subset == "positives" else np.ones(len(y_true), bool)
-    b = int((champ_ok & ~cand_ok & mask).sum())
-    c = int((cand_ok & ~champ_ok & mask).sum())
-    return PairedComparison(subset, int(mask.sum()), b, c, mcnemar_exact(b, c))
+    champ_only, cand_only = champ_ok & ~cand_ok & mask, cand_ok & ~champ_ok & mask
+    b, c = int(champ_only.sum()), int(cand_only.sum())
+    if groups is None:
+        return PairedComparison(subset, int(mask.sum()), b, c, mcnemar_exact(b, c))
+    from cxr_core.evaluation.metrics import _cluster_codes
+
+    codes = _cluster_codes(groups, len(y_true))[mask]
+    _, codes = np.unique(codes, return_inverse=True)
+    n_patients = int(codes.max()) + 1 if codes.size else 0
+    if n_patients == codes.size:  # one image per patient: no clustering
+        return PairedComparison(subset, int(mask.sum()), b, c, mcnemar_exact(b, c), "exact",
+                                n_patients)
+    per_b = np.bincount(codes, weights=champ_only[mask], minlength=n_patients)
+    per_c = np.bincount(codes, weights=cand_only[mask], minlength=n_patients)
+    return PairedComparison(subset, int(mask.sum()), b, c, mcnemar_clustered(per_b, per_c),
+                            "clustered", n_patients)
 
 
 def decide(
@@ -213,9 +258,18 @@ def _regression_checks(comparisons: Sequence[PairedComparison], alpha: float) ->
         regressed = comp.champion_only > comp.candidate_only and comp.p_value < alpha
         checks.append(GateCheck(
             name, comp.p_value, alpha, "not (worse and p <)", not regressed,
-            f"McNemar on {comp.n} {comp.subset} images: champion-only correct "
-            f"{comp.champion_only}, candidate-only correct {comp.candidate_only}"))
+            f"{_test_words(comp)}: champion-only correct {comp.champion_only}, "
+            f"candidate-only correct {comp.candidate_only}"))
     return checks
+
+
+def _test_words(comp: PairedComparison) -> str:
+    """Which McNemar test judged ``comp`` and on how many images and patients."""
+    if comp.test == "clustered":
+        return (f"patient-clustered McNemar (Durkalski) on {comp.n} {comp.subset} images of "
+                f"{comp.n_patients} patients")
+    patients = "" if comp.n_patients is None else f" ({comp.n_patients} patients, one image each)"
+    return f"exact McNemar on {comp.n} {comp.subset} images{patients}"
 
 
 def thresholds_from_config(cfg: Any) -> GateThresholds:

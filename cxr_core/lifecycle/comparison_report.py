@@ -1,6 +1,7 @@
 """The side-by-side report behind a promotion decision: both versions' metrics with
 intervals on the images both were scored on (the shared test images, and each external set
-both were scored on), McNemar's exact test, both confusion matrices and each model's worst
+both were scored on), McNemar's test (patients as the unit when the predictions carry patient
+ids and a patient has several images), both confusion matrices and each model's worst
 cases. Logged to the challenger's run and linked from its registry version, so a reader of
 the MLflow UI alone sees why a model was or was not promoted.
 """
@@ -27,6 +28,8 @@ EXTERNAL_DIR = "evaluation/external"
 EXTERNAL_FILE = "predictions.csv"
 N_WORST = 8
 ROLES = ("candidate", "champion")
+# PairedComparison.test -> how the report names it.
+_TESTS = {"exact": "exact McNemar", "clustered": "patient-clustered McNemar (Durkalski)"}
 
 
 def paired_rows(candidate: pd.DataFrame, champion: pd.DataFrame) -> pd.DataFrame:
@@ -58,11 +61,14 @@ def worst_cases(joined: pd.DataFrame, role: str, k: int = N_WORST) -> pd.DataFra
 
 def compare_set(joined: pd.DataFrame, thresholds: Mapping[str, float], seed: int = 0) -> dict[str, Any]:
     """One image set's side-by-side: metrics with intervals, confusion matrices, McNemar
-    (all images and PNEUMONIA images), worst cases of each model."""
+    (all images and PNEUMONIA images; patient-clustered when ``patient_id`` is there and a
+    patient has several images), worst cases of each model."""
     y = joined["label"].to_numpy(int)
     evals = {role: _evaluation(joined, role, thresholds[role], seed) for role in ROLES}
+    groups = joined["patient_id"].to_numpy(object) if "patient_id" in joined else None
     mcnemar = [asdict(paired_comparison(y, joined["prediction_candidate"].to_numpy(int),
-                                        joined["prediction_champion"].to_numpy(int), subset))
+                                        joined["prediction_champion"].to_numpy(int), subset,
+                                        groups))
                for subset in ("all", "positives")] if len(joined) else []
     return {"images": len(joined), "evaluations": evals, "mcnemar": mcnemar,
             "worst": {role: worst_cases(joined, role) for role in ROLES}}
@@ -77,10 +83,16 @@ def _confusion_table(evals: Mapping[str, Any]) -> str:
 def _mcnemar_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "No shared images: no test."
-    body = "\n".join(f"| {r['subset']} | {r['n']} | {r['champion_only']} | {r['candidate_only']} | "
+    body = "\n".join(f"| {r['subset']} | {r['n']} | {_patients(r)} | {r['champion_only']} | "
+                     f"{r['candidate_only']} | {_TESTS.get(r.get('test'), r.get('test'))} | "
                      f"{r['p_value']:.4g} |" for r in rows)
-    return ("| images | n | champion right, candidate wrong | candidate right, champion wrong "
-            f"| p (exact McNemar) |\n| --- | --- | --- | --- | --- |\n{body}")
+    return ("| images | n | patients | champion right, candidate wrong | candidate right, "
+            "champion wrong | test | p |\n| --- | --- | --- | --- | --- | --- | --- |\n"
+            f"{body}")
+
+
+def _patients(row: Mapping[str, Any]) -> str:
+    return "n/a" if row.get("n_patients") is None else str(row["n_patients"])
 
 
 def _worst_table(frame: pd.DataFrame) -> str:

@@ -49,17 +49,20 @@ class PromotionResult:
 
 def shared_test_images(candidate: pd.DataFrame, champion: pd.DataFrame) -> pd.DataFrame:
     """The images both models were tested on, joined by sha256: ``label`` (the candidate's,
-    i.e. the current labelling), ``prediction_cand``, ``prediction_champ``. Any image either
-    model trained or validated on is left out, whatever its path or the split carving."""
-    cand = candidate.drop_duplicates("sha256")[["sha256", "label", "prediction"]]
+    i.e. the current labelling), ``patient_id`` (the candidate's, when its predictions carry
+    one), ``prediction_cand``, ``prediction_champ``. Any image either model trained or
+    validated on is left out, whatever its path or the split carving."""
+    keep = [c for c in ("sha256", "label", "patient_id") if c in candidate]
+    cand = candidate.drop_duplicates("sha256")[[*keep, "prediction"]]
     champ = champion.drop_duplicates("sha256")[["sha256", "prediction"]]
     return cand.merge(champ, on="sha256", suffixes=("_cand", "_champ"))
 
 
 def compare_on_shared(joined: pd.DataFrame, champion_version: str,
                       min_shared: int = MIN_SHARED_TEST_IMAGES) -> ChampionComparison:
-    """McNemar on all shared images and on the shared positives; skipped (with the reason)
-    when fewer than ``min_shared`` images are shared."""
+    """McNemar on all shared images and on the shared positives, patients as the unit when
+    ``joined`` has a ``patient_id`` column (:func:`paired_comparison`); skipped (with the
+    reason) when fewer than ``min_shared`` images are shared."""
     n = len(joined)
     if n < min_shared:
         return ChampionComparison(
@@ -67,8 +70,9 @@ def compare_on_shared(joined: pd.DataFrame, champion_version: str,
             f"skipped: {n} shared test images < {min_shared}")
     y = joined["label"].to_numpy(int)
     cand, champ = joined["prediction_cand"].to_numpy(int), joined["prediction_champ"].to_numpy(int)
+    groups = joined["patient_id"].to_numpy(object) if "patient_id" in joined else None
     return ChampionComparison(champion_version, n, tuple(
-        paired_comparison(y, cand, champ, subset) for subset in ("all", "positives")))
+        paired_comparison(y, cand, champ, subset, groups) for subset in ("all", "positives")))
 
 
 def champion_comparison(client: Any, model_name: str, candidate_predictions: Path,

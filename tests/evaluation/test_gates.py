@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,6 +12,7 @@ from cxr_core.evaluation.gates import (
     GateThresholds,
     PairedComparison,
     decide,
+    mcnemar_clustered,
     mcnemar_exact,
     paired_comparison,
 )
@@ -89,6 +91,93 @@ def test_paired_comparison_counts() -> None:
     assert (pos.champion_only, pos.candidate_only, pos.n) == (1, 0, 3)
     with pytest.raises(ValueError):
         paired_comparison(y, cand[:3], champ)
+
+
+def _discordant(per_patient: list[tuple[int, int, int]]) -> tuple[np.ndarray, ...]:
+    """y, candidate, champion and patient ids from (champion-only, candidate-only, both
+    right) image counts per patient; every image is a PNEUMONIA one."""
+    champ_ok, cand_ok, patient = [], [], []
+    for k, (b, c, same) in enumerate(per_patient):
+        champ_ok += [True] * b + [False] * c + [True] * same
+        cand_ok += [False] * b + [True] * c + [True] * same
+        patient += [f"p{k}"] * (b + c + same)
+    y = np.ones(len(patient), int)
+    return y, np.where(cand_ok, 1, 0), np.where(champ_ok, 1, 0), np.array(patient, object)
+
+
+def test_one_image_per_patient_keeps_the_exact_test() -> None:
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 200)
+    champ = np.where(rng.random(200) < 0.9, y, 1 - y)
+    cand = np.where(rng.random(200) < 0.8, y, 1 - y)
+    ids = np.array([f"patient-{i}" for i in range(200)], object)
+    for subset in ("all", "positives"):
+        before = paired_comparison(y, cand, champ, subset)
+        after = paired_comparison(y, cand, champ, subset, groups=ids)
+        assert before.test == after.test == "exact" and before.n_patients is None
+        assert after.n_patients == after.n == before.n
+        assert (after.champion_only, after.candidate_only) == (before.champion_only,
+                                                              before.candidate_only)
+        assert after.p_value == before.p_value == mcnemar_exact(before.champion_only,
+                                                                before.candidate_only)
+    assert before.champion_only + before.candidate_only > 10  # a real test, not p = 1
+    # Images without a patient id are patients of their own: still the exact test.
+    unknown = paired_comparison(y, cand, champ, groups=[None] * 200)
+    assert unknown.test == "exact" and unknown.p_value == paired_comparison(y, cand, champ).p_value
+
+
+def test_clustered_statistic_by_hand() -> None:
+    # Per patient (b_k, c_k): (2, 0), (1, 1), (0, 1), (3, 0), plus a concordant patient.
+    # d_k = b_k - c_k = 2, 0, -1, 3, 0: sum 4, sum of squares 4 + 0 + 1 + 9 = 14,
+    # X^2 = 4^2 / 14 = 8/7 = 1.142857. Chi-square(1): p = erfc(sqrt(X^2 / 2)) = 0.28505.
+    expected = math.erfc(math.sqrt(8 / 7 / 2))
+    assert expected == pytest.approx(0.28505, abs=1e-5)
+    assert mcnemar_clustered([2, 1, 0, 3, 0], [0, 1, 1, 0, 0]) == pytest.approx(expected)
+    y, cand, champ, ids = _discordant([(2, 0, 1), (1, 1, 0), (0, 1, 2), (3, 0, 0), (0, 0, 4)])
+    comp = paired_comparison(y, cand, champ, groups=ids)
+    assert (comp.test, comp.n, comp.n_patients) == ("clustered", 15, 5)
+    assert (comp.champion_only, comp.candidate_only) == (6, 2)  # image counts, as before
+    assert comp.p_value == pytest.approx(expected)
+    # One image per patient: (b - c)^2 / (b + c), the uncorrected McNemar statistic.
+    assert mcnemar_clustered([1] * 6 + [0] * 2, [0] * 6 + [1] * 2) == pytest.approx(
+        math.erfc(math.sqrt((6 - 2) ** 2 / 8 / 2)))
+    # No discordant pairs, or none unbalanced within a patient: p = 1.
+    assert mcnemar_clustered([0, 0], [0, 0]) == 1.0 and mcnemar_clustered([2, 1], [2, 1]) == 1.0
+    with pytest.raises(ValueError):
+        mcnemar_clustered([1, 2], [1])
+    with pytest.raises(ValueError):
+        paired_comparison(y, cand, champ, groups=ids[:3])
+
+
+def test_many_images_of_few_patients_do_not_inflate_the_evidence() -> None:
+    # Three patients with ten images each that only the champion gets right (b = 30); five
+    # patients with three images each that only the candidate gets right (c = 15); 40
+    # patients with two images both get right. Image-level: exact p = 0.036, a "regression";
+    # by patient: d = 10, 10, 10, -3 x 5, X^2 = 15^2 / 345 = 0.652, p = 0.42.
+    y, cand, champ, ids = _discordant([(10, 0, 0)] * 3 + [(0, 3, 0)] * 5 + [(0, 0, 2)] * 40)
+    by_image = paired_comparison(y, cand, champ)
+    by_patient = paired_comparison(y, cand, champ, groups=ids)
+    assert (by_image.champion_only, by_image.candidate_only) == (30, 15)
+    assert by_image.test == "exact" and by_image.p_value == pytest.approx(0.0357, abs=1e-4)
+    assert by_image.p_value < 0.05
+    assert by_patient.test == "clustered" and by_patient.n_patients == 48
+    assert by_patient.p_value == pytest.approx(math.erfc(math.sqrt(225 / 345 / 2)))
+    assert by_patient.p_value > 0.4 > 10 * by_image.p_value
+    # The gate: a regression by images, none by patients; the detail says which test.
+    reg = GateThresholds(min_recall=0.0, min_accuracy=0.0)
+    assert [c.name for c in decide({}, reg, [by_image]).failed if c.name.startswith("no_")] == \
+        ["no_accuracy_regression"]
+    clustered = decide({}, reg, [by_patient])
+    check = next(c for c in clustered.checks if c.name == "no_accuracy_regression")
+    assert check.passed and check.value == by_patient.p_value
+    assert ("patient-clustered McNemar (Durkalski) on 125 all images of 48 patients: "
+            "champion-only correct 30, candidate-only correct 15") in clustered.summary()
+    assert "exact McNemar on 125 all images:" in decide({}, reg, [by_image]).summary()
+    # The same patients each on one image: the exact test, and a regression again.
+    y, cand, champ, ids = _discordant([(1, 0, 0)] * 30 + [(0, 1, 0)] * 15)
+    one_each = paired_comparison(y, cand, champ, groups=ids)
+    assert one_each.test == "exact" and one_each.p_value == by_image.p_value
+    assert "(45 patients, one image each)" in decide({}, reg, [one_each]).summary()
 
 
 def test_optional_robustness_gate() -> None:
