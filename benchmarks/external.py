@@ -110,6 +110,8 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "ema": {"about": "weight averaging: EMA of the weights (momentum 0.99 per step), "
                      "swapped in at every epoch end",
             "config": {"train": {"ema_momentum": 0.99}}},
+    "ensemble3": {"about": "three seeds trained and saved as one model (mean logit)",
+                  "config": {"train": {"ensemble_size": 3}}},
     # Semi-supervised (cxr run --unlabeled DIR), cross-fitted so that no external image is
     # scored by a model that saw it, even unlabeled: the external set is split in two by
     # patient; the model pseudo-labeled on one half scores the other, and the reverse.
@@ -149,7 +151,8 @@ def resolve_option(name: str) -> dict[str, Any]:
 
 # Settings added to the config after rows were first cached: left out of a row's cache key
 # while at their defaults, so that adding a setting does not retrain every cached row.
-KEY_OMITS_AT_DEFAULT = (("train", "ema_momentum"), ("train", "pseudo_label"))
+KEY_OMITS_AT_DEFAULT = (("train", "ema_momentum"), ("train", "pseudo_label"),
+                        ("train", "ensemble_size"))
 
 
 def _key_config(cfg: Any) -> dict[str, Any]:

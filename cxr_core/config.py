@@ -173,6 +173,9 @@ class TrainConfig(_Section):
     # (this momentum per step; 0 = off) replaces them at the end of every epoch, so
     # validation, early stopping and the saved model all see the averaged weights.
     ema_momentum: float = Field(0.0, ge=0, lt=1)
+    # Final training of this many models (seeds seed, seed+1, ...) saved as one that
+    # averages their logits (cxr_core.training.ensemble); the training time multiplies.
+    ensemble_size: int = Field(1, ge=1, le=8)
     # Used only when a run is given unlabeled site images (--unlabeled DIR).
     pseudo_label: PseudoLabelConfig = PseudoLabelConfig()
 

@@ -228,6 +228,7 @@ def _result(settings: Settings, o: _Outcome) -> dict[str, Any]:
                          if k.startswith("robust_worst_")},
         "calibration": o.trained.calibration,
         "pseudo_labels": o.trained.pseudo_labels,
+        "ensemble_members": o.trained.members,
         "best_hyperparameters": o.trained.hyperparameters,
         "trials": len(o.trials),
         "stage_seconds": {k: round(v, 1) for k, v in o.timings.items()},

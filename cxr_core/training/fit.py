@@ -74,6 +74,7 @@ class TrainedModel:
     epochs_trained: int = 0
     best_epoch: int = 0
     calibration: dict[str, float] | None = None  # Platt scaling folded into the model
+    members: list[dict[str, Any]] | None = None  # an ensemble's members: seed, epochs
     pseudo_labels: dict[str, Any] | None = None  # PseudoLabels.summary() of --unlabeled
     run_id: str | None = None  # the MLflow run that logged this training live, if any
 
@@ -258,20 +259,57 @@ def train_best(best_hp: dict[str, Any], datasets: Datasets, cfg: ExperimentConfi
         pl = cfg.train.pseudo_label
         pseudo = PseudoLabelPlan(list(unlabeled_paths), datasets.train_data, pl.share, pl.weight,
                                  pl.epochs, cfg.data.image_size, cfg.train.batch_size, cfg.seed)
-    return train_final(
-        best_hp, datasets.train, datasets.val, datasets.val_data.labels,
-        Path(work_dir) / "model", image_size=cfg.data.image_size, epochs=cfg.train.epochs,
+    shared = dict(
+        image_size=cfg.data.image_size, epochs=cfg.train.epochs,
         patience=cfg.train.early_stopping_patience,
         recall_target=cfg.gates.recall_target_for_threshold, augment=cfg.balance.augment,
-        mixed_precision=cfg.train.mixed_precision, seed=cfg.seed,
+        mixed_precision=cfg.train.mixed_precision,
         steps_per_epoch=datasets.steps_per_epoch, class_weight=datasets.class_weight,
         verbose=verbose, intensity_norm=cfg.train.intensity_norm,
         label_smoothing=cfg.train.label_smoothing, monitor=cfg.tune.objective,
-        callbacks=[shifted_validation(datasets, cfg.seed), *(callbacks or [])],
-        calibrate=cfg.train.calibrate,
-        tta=cfg.train.tta,
-        mask=cfg.train.mask_annotations,
-        crop=cfg.train.lung_crop.as_tuple(),
-        pseudo=pseudo,
-        ema_momentum=cfg.train.ema_momentum,
-    )
+        mask=cfg.train.mask_annotations, crop=cfg.train.lung_crop.as_tuple(), pseudo=pseudo,
+        ema_momentum=cfg.train.ema_momentum)
+    extra = [shifted_validation(datasets, cfg.seed), *(callbacks or [])]
+    if cfg.train.ensemble_size > 1:
+        return _train_ensemble(best_hp, datasets, cfg, Path(work_dir), extra, shared)
+    return train_final(best_hp, datasets.train, datasets.val, datasets.val_data.labels,
+                       Path(work_dir) / "model", seed=cfg.seed, callbacks=extra,
+                       calibrate=cfg.train.calibrate, tta=cfg.train.tta, **shared)
+
+
+def _train_ensemble(best_hp: dict[str, Any], datasets: Datasets, cfg: ExperimentConfig,
+                    work_dir: Path, callbacks: list[Any], shared: dict[str, Any]) -> TrainedModel:
+    """``cfg.train.ensemble_size`` members (seeds ``cfg.seed + k``) trained plain under
+    ``work_dir/members/k``, then saved as one model (:func:`ensemble_model`) with TTA and
+    calibration as configured and the threshold chosen on its validation output. The
+    history and epochs are the first member's; ``members`` lists each."""
+    import keras
+
+    from cxr_core.training.ensemble import ensemble_model
+
+    trained, models = [], []
+    for k in range(cfg.train.ensemble_size):
+        # The callbacks (live epoch logging) follow the first member only: one curve per run.
+        member = train_final(best_hp, datasets.train, datasets.val, datasets.val_data.labels,
+                             work_dir / "members" / str(k), seed=cfg.seed + k,
+                             callbacks=callbacks if k == 0 else callbacks[:1], **shared)
+        trained.append(member)
+        models.append(keras.saving.load_model(member.model_path))
+    model = ensemble_model(models, cfg.data.image_size)
+    val_labels = datasets.val_data.labels
+    model, calibration = final_model(model, datasets.val, val_labels, cfg.data.image_size,
+                                     cfg.train.calibrate, cfg.train.tta)
+    choice = choose_threshold(val_labels, predict_proba(model, datasets.val),
+                              cfg.gates.recall_target_for_threshold)
+    out_dir = work_dir / "model"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save(out_dir / MODEL_FILE)
+    save_threshold(out_dir / THRESHOLD_FILE, choice)
+    first = trained[0]
+    return TrainedModel(out_dir / MODEL_FILE, choice, dict(best_hp), first.history,
+                        first.epochs_trained, first.best_epoch, calibration,
+                        pseudo_labels=first.pseudo_labels,
+                        members=[{"seed": cfg.seed + k, "epochs": t.epochs_trained,
+                                  "best_epoch": t.best_epoch,
+                                  "val_threshold": t.threshold.threshold}
+                                 for k, t in enumerate(trained)])

@@ -18,21 +18,9 @@ from __future__ import annotations
 from typing import Any
 
 from cxr_core.training.calibrate import OUTPUT_LAYER
+from cxr_core.training.wrappers import WRAPPER_NAME, logit_model, unwrap
 
-WRAPPER_NAME = "cxr_cnn_tta"
-
-
-def logit_model(model: Any) -> Any:
-    """``model`` up to the logit of its sigmoid output layer: the same layers (shared, not
-    copied) and a linear copy of the output layer."""
-    import keras
-    from keras import layers
-
-    head = model.get_layer(OUTPUT_LAYER)
-    linear = layers.Dense(1, dtype="float32", name=f"{OUTPUT_LAYER}_logit")
-    z = linear(head.input)
-    linear.set_weights(head.get_weights())
-    return keras.Model(model.inputs, z, name=f"{model.name}_logit")
+__all__ = ["WRAPPER_NAME", "logit_model", "unwrap", "with_tta"]
 
 
 def with_tta(model: Any, image_size: int, crops: tuple[float, ...] = (0.9,)) -> Any:
@@ -56,16 +44,3 @@ def with_tta(model: Any, image_size: int, crops: tuple[float, ...] = (0.9,)) -> 
     output = layers.Dense(1, activation="sigmoid", dtype="float32", name=OUTPUT_LAYER,
                           kernel_initializer="ones", bias_initializer="zeros")(mean)
     return keras.Model(inputs, output, name=WRAPPER_NAME)
-
-
-def unwrap(model: Any) -> Any:
-    """The trained model's logit scorer inside a TTA wrapper (for Grad-CAM, which explains
-    the logit), or ``model`` itself."""
-    if getattr(model, "name", None) != WRAPPER_NAME:
-        return model
-    import keras
-
-    inner = [layer for layer in model.layers if isinstance(layer, keras.Model)]
-    if len(inner) != 1:
-        raise ValueError(f"a TTA wrapper should hold one model, found {len(inner)}")
-    return inner[0]
