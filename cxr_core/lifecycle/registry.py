@@ -276,13 +276,17 @@ def external_from_tags(tags: dict[str, str]) -> dict[str, dict[str, float]]:
 
 
 def list_versions(client: Any, name: str) -> list[VersionInfo]:
-    """Every version with its aliases, gate verdict, threshold and key metrics (newest first)."""
+    """Every version with its aliases, gate verdict, threshold and key metrics (newest first);
+    [] when no model of that name is registered. Other errors (an unreachable or refusing
+    server) are raised, not listed as an empty registry."""
     from mlflow.exceptions import MlflowException
 
     try:
         model = client.get_registered_model(name)
-    except MlflowException:
-        return []
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return []
+        raise
     aliases: dict[str, list[str]] = {}
     for alias, ver in (model.aliases or {}).items():
         aliases.setdefault(str(ver), []).append(alias)

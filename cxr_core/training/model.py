@@ -6,11 +6,11 @@ takes raw 0-255 grayscale pixels and needs no preprocessing code beside it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, get_args
 
 import keras_tuner as kt
 
-from cxr_core.config import AugmentConfig
+from cxr_core.config import AugmentConfig, TrainConfig
 
 METRIC_NAMES = ("accuracy", "recall", "precision", "auc", "pr_auc")
 
@@ -53,8 +53,9 @@ def augmentation_layers(cfg: AugmentConfig, seed: int) -> list[Any]:
     return layers
 
 
-INTENSITY_NORMS = ("none", "standardize")
-MASK_MODES = ("none", "corners", "borders")
+# The config's choices, so a new one is added in one place.
+INTENSITY_NORMS = get_args(TrainConfig.model_fields["intensity_norm"].annotation)
+MASK_MODES = get_args(TrainConfig.model_fields["mask_annotations"].annotation)
 
 
 def annotation_keep_map(image_size: int, mode: str) -> Any:

@@ -242,3 +242,16 @@ def test_load_mlflow3_logged_model_by_alias_version_and_id(server, client, exp_i
         loaded = load_model(uri, server.url)
         assert (loaded.threshold, loaded.image_size, loaded.source) == (0.5, image_size, uri)
         np.testing.assert_allclose(loaded.predict_arrays(x), expected, atol=1e-6)
+
+
+def test_listing_an_unknown_model_is_empty_but_a_refusing_server_is_an_error(client) -> None:
+    from mlflow.exceptions import MlflowException
+
+    assert list_versions(client, "no-such-model-anywhere") == []
+
+    class Refusing:
+        def get_registered_model(self, name: str):
+            raise MlflowException("forbidden", error_code="PERMISSION_DENIED")
+
+    with pytest.raises(MlflowException, match="forbidden"):
+        list_versions(Refusing(), "cxr-pneumonia")
