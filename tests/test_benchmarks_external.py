@@ -65,3 +65,29 @@ def test_external_benchmark_rows_with_intervals_and_resume(tmp_path: Path) -> No
     assert bench.main(argv) == 0
     assert [p.stat().st_mtime_ns for p in trained] == stamps
     assert json.loads(out.read_text())["rows"] == rows
+
+
+def test_cross_fitting_halves_split_patients_and_alignment_keeps_decisions() -> None:
+    import numpy as np
+    import pandas as pd
+
+    bench = _load_script()
+    rows = pd.DataFrame({"path": [f"p{i}" for i in range(40)],
+                         "patient_id": [f"pat{i // 2}" for i in range(40)],  # 2 images each
+                         "label": ["NORMAL", "PNEUMONIA"] * 20})
+    a, b = bench.patient_halves(rows)
+    assert len(a) + len(b) == 40 and not set(a["path"]) & set(b["path"])
+    assert not set(a["patient_id"]) & set(b["patient_id"])  # no patient on both sides
+    assert set(a["label"]) == set(b["label"]) == {"NORMAL", "PNEUMONIA"}
+    # Aligning to a threshold moves it to 0.5: same decisions, same order within the model.
+    preds = pd.DataFrame({"probability": [0.05, 0.2, 0.69, 0.7, 0.71, 0.99]})
+    aligned = bench._aligned(preds, 0.7)["probability"].to_numpy()
+    assert ((aligned >= 0.5) == (preds["probability"].to_numpy() >= 0.7)).all()
+    assert (np.diff(aligned) > 0).all() and aligned[3] == pytest.approx(0.5)
+    # Settings added later stay out of a cached row's key while at their defaults.
+    from cxr_core.config import ExperimentConfig
+
+    cfg = ExperimentConfig()
+    assert "ema_momentum" not in bench._key_config(cfg)["train"]
+    changed = ExperimentConfig.model_validate({"train": {"ema_momentum": 0.99}})
+    assert bench._key_config(changed)["train"]["ema_momentum"] == 0.99
