@@ -442,6 +442,37 @@ def _row(name: str, seed: int, args: argparse.Namespace, base: Any, prepared: Pa
     return row
 
 
+def site_calibrated(rows: list[dict], ext_rows: Any, n_bootstrap: int) -> list[dict]:
+    """What ``cxr run --calibration`` would give each (non cross-fitted) row on the external
+    set, cross-fitted: the threshold chosen for the recall target on one patient half of the
+    set, with its labels, scores the other half, and the reverse; the two halves are pooled
+    (each aligned to its own threshold). No training: the row's saved external outputs."""
+    import pandas as pd
+
+    from cxr_core.training.fit import choose_threshold
+
+    halves = patient_halves(ext_rows)
+    out = []
+    for r in rows:
+        if r.get("unlabeled"):
+            continue
+        preds = pd.read_csv(Path(r["folder"]) / "external_predictions.csv",
+                            dtype={"patient_id": str})
+        parts, thresholds = [], []
+        for k in (0, 1):
+            chosen = preds[preds["path"].isin(set(halves[k]["path"]))]
+            scored = preds[preds["path"].isin(set(halves[1 - k]["path"]))]
+            t = choose_threshold(chosen["label"].to_numpy(), chosen["probability"].to_numpy(),
+                                 r["recall_target"]).threshold
+            thresholds.append(t)
+            parts.append(_aligned(scored, t))
+        pooled = pd.concat(parts, ignore_index=True)
+        out.append({"option": r["option"], "seed": r["seed"], "site_thresholds": thresholds,
+                    "model_threshold": r["threshold"],
+                    "external": _score(pooled, 0.5, n_bootstrap, r["recall_target"])})
+    return out
+
+
 def seed_ensembles(rows: list[dict], n_bootstrap: int) -> list[dict]:
     """Per option with two seeds or more: the mean of its seeds' probabilities as one model
     (no extra training), thresholded on the mean validation output for the same recall
@@ -531,7 +562,7 @@ def _interval(m: dict) -> str:
 
 
 def markdown(rows: list[dict], summary: list[dict], ensembles: list[dict], command: str,
-             n_test: int, n_ext: int) -> str:
+             n_test: int, n_ext: int, site: list[dict] | None = None) -> str:
     """The two tables of docs/benchmarks.md: per option over seeds, then every row (and
     every option's seed ensemble) with its patient-bootstrap intervals."""
     heads = ("ROC-AUC", "accuracy", "recall", "specificity")
@@ -560,6 +591,18 @@ def markdown(rows: list[dict], summary: list[dict], ensembles: list[dict], comma
                  for m in TABLE_METRICS]
         lines.append(f"| {e['option']} | {','.join(map(str, e['seeds']))} | "
                      + " | ".join(cells) + " | - | - |")
+    if site:
+        lines += ["", "Site calibration (`--calibration`), cross-fitted: the threshold chosen "
+                  "on one patient half of the external set scores the other half, and the "
+                  "reverse (pooled):", "",
+                  "| option | seed | model threshold | site thresholds | "
+                  + " | ".join(f"external {h}" for h in heads) + " |",
+                  "| --- | --- | --- | --- | " + " | ".join(["---"] * 4) + " |"]
+        for c in site:
+            cells = [_interval(c["external"]["metrics"][m]) for m in TABLE_METRICS]
+            lines.append(f"| {c['option']} | {c['seed']} | {c['model_threshold']:.3f} | "
+                         + ", ".join(f"{t:.3f}" for t in c["site_thresholds"]) + " | "
+                         + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -626,14 +669,15 @@ def main(argv: list[str] | None = None) -> int:
 
     import keras
 
-    def save(rows: list[dict], ensembles: list[dict], complete: bool) -> None:
+    def save(rows: list[dict], ensembles: list[dict], complete: bool,
+             site: list[dict] | None = None) -> None:
         write_results(args.json, "external", {
             "complete": complete, "data_dir": args.data_dir, "external": str(args.external),
             "carving": carving, "test_images": int(len(test_rows)),
             "external_images": int(len(ext_rows)), "external_overlap": overlap,
             "base_hyperparameters": BASE_HP, "base_override": BASE_OVERRIDE,
             "options": names, "seeds": seeds, "rows": rows, "summary": summarize(rows),
-            "seed_ensembles": ensembles}, argv)
+            "seed_ensembles": ensembles, "site_calibrated": site or []}, argv)
 
     rows: list[dict] = []
     for name in names:
@@ -648,9 +692,11 @@ def main(argv: list[str] | None = None) -> int:
             save(rows, [], complete=False)  # an interrupted run still leaves its figures
 
     ensembles = seed_ensembles(rows, args.n_bootstrap)
-    save(rows, ensembles, complete=True)
+    site = site_calibrated(rows, ext_rows, args.n_bootstrap)
+    save(rows, ensembles, complete=True, site=site)
     print()
-    print(markdown(rows, summarize(rows), ensembles, command, len(test_rows), len(ext_rows)))
+    print(markdown(rows, summarize(rows), ensembles, command, len(test_rows), len(ext_rows),
+                   site))
     return 0
 
 

@@ -58,6 +58,14 @@ def test_external_benchmark_rows_with_intervals_and_resume(tmp_path: Path) -> No
     s = summary["external_accuracy"]
     assert s["min"] <= s["mean"] <= s["max"]
     assert len(result["seed_ensembles"]) == 1
+    # Site calibration, cross-fitted over two patient halves of the external set: one entry
+    # per row, a threshold per half, scored like a row.
+    site = result["site_calibrated"]
+    assert [(c["option"], c["seed"]) for c in site] == [("baseline", 1), ("baseline", 2)]
+    for c in site:
+        assert len(c["site_thresholds"]) == 2
+        m = c["external"]["metrics"]["recall"]
+        assert m["low"] <= m["value"] <= m["high"]
 
     # A rerun resumes: the finished rows are read back, nothing is trained again.
     trained = sorted((tmp_path / "work" / "rows").rglob("trained.json"))
