@@ -241,13 +241,13 @@ def external_scan_stage(sets: dict[str, str], calibration: str | None, manifest_
         write_scan(cal, Path(run_dir) / SITE_CALIBRATION_DIR)
     site_images = None
     if unlabeled:
-        from cxr_core.data.unlabeled import UNLABELED_DIR, scan_unlabeled, write_unlabeled_scan
+        from cxr_core.data.unlabeled import UNLABELED_DIR, scan_unlabeled
 
         judges = {f"external set {name!r}": s.manifest for name, s in scans.items()}
         if cal is not None:
             judges["the calibration sample"] = cal.manifest
         site_images = scan_unlabeled(unlabeled, run_manifest, judges, workers)
-        write_unlabeled_scan(site_images, Path(run_dir) / UNLABELED_DIR)
+        write_scan(site_images, Path(run_dir) / UNLABELED_DIR)  # the same two files
     return ExternalData(scans, cal, site_images)
 
 

@@ -132,13 +132,15 @@ def _by_split(counts: Mapping[str, int]) -> str:
     return ", ".join(f"{split} {n}" for split, n in sorted(counts.items()))
 
 
-def _excluded(manifest: pd.DataFrame) -> list[dict[str, str]]:
-    """Files that cannot be scored, each with the reason (all of them: the report names each)."""
+def excluded_files(manifest: pd.DataFrame, labelled: bool = True) -> list[dict[str, str]]:
+    """Files that cannot be used, each with the reason (all of them: the report names each):
+    unreadable, undecodable by the model's input pipeline, and (``labelled``) outside a
+    class folder."""
     out = []
     for row in manifest.sort_values("path").itertuples(index=False):
         if not bool(row.readable):
             reason = f"unreadable: {row.error}"
-        elif row.label not in LABELS:
+        elif labelled and row.label not in LABELS:
             reason = "not in a NORMAL/ or PNEUMONIA/ folder (no label)"
         elif row.format not in SCORABLE_FORMATS:
             reason = f"format {row.format} is not decoded by the model's input pipeline"
@@ -196,7 +198,7 @@ def scan_external_set(name: str, folder: str | Path, run_manifest: pd.DataFrame,
     result.report = {
         "name": name, "root": str(scan.root), "files": len(manifest), "scored": len(usable),
         "classes": counts, "patients": int(usable["patient_id"].nunique()),
-        "excluded": _excluded(manifest), "junk_skipped": len(scan.skipped),
+        "excluded": excluded_files(manifest), "junk_skipped": len(scan.skipped),
         "shared_files": shared_files(usable, run_manifest),
         "shared_patients": shared_patients(usable, run_manifest),
         "shortcut_scores": set_score_aucs(usable),
@@ -215,7 +217,7 @@ def set_score_aucs(rows: pd.DataFrame) -> list[dict[str, Any]]:
     return [{**r, "split": "external"} for r in score_aucs(rows.assign(split="test"))]
 
 
-def write_scan(scan: ExternalScan, out_dir: Path) -> Path:
+def write_scan(scan: Any, out_dir: Path) -> Path:
     """The set's manifest and report under ``out_dir`` (``manifest.parquet``,
     ``scan_report.json``); returns the report's path."""
     out_dir = Path(out_dir)
@@ -225,21 +227,29 @@ def write_scan(scan: ExternalScan, out_dir: Path) -> Path:
     return path
 
 
-def check_calibration_disjoint(calibration: ExternalScan, externals: Mapping[str, ExternalScan],
-                               run_manifest: pd.DataFrame) -> None:
-    """The calibration sample must share no image (sha256) with an evaluation set: an
-    external set or the run's test split. InputError naming the shared files otherwise."""
-    cal = calibration.manifest.dropna(subset=["sha256"])
-    judges = [(f"external set {name!r}", s.manifest) for name, s in sorted(externals.items())]
-    judges.append(("the test split", run_manifest[run_manifest["split"] == "test"]))
+def shared_image_problems(rows: pd.DataFrame,
+                          others: Sequence[tuple[str, pd.DataFrame]]) -> list[str]:
+    """One line per (what, manifest) of ``others`` that shares images (sha256) with ``rows``:
+    how many, with the first pairs of paths named."""
+    rows = rows.dropna(subset=["sha256"])
     problems = []
-    for what, frame in judges:
-        hits = cal.merge(frame.dropna(subset=["sha256"])[["sha256", "path"]], on="sha256",
-                         suffixes=("", "_other"))
+    for what, frame in others:
+        hits = rows.merge(frame.dropna(subset=["sha256"])[["sha256", "path"]], on="sha256",
+                          suffixes=("", "_other"))
         if len(hits):
             named = "; ".join(f"{r.path} = {r.path_other}" for r in hits.head(MAX_EXAMPLES).itertuples())
             more = f" and {len(hits) - MAX_EXAMPLES} more" if len(hits) > MAX_EXAMPLES else ""
             problems.append(f"{len(hits)} with {what}: {named}{more}")
+    return problems
+
+
+def check_calibration_disjoint(calibration: ExternalScan, externals: Mapping[str, ExternalScan],
+                               run_manifest: pd.DataFrame) -> None:
+    """The calibration sample must share no image (sha256) with an evaluation set: an
+    external set or the run's test split. InputError naming the shared files otherwise."""
+    judges = [(f"external set {name!r}", s.manifest) for name, s in sorted(externals.items())]
+    judges.append(("the test split", run_manifest[run_manifest["split"] == "test"]))
+    problems = shared_image_problems(calibration.manifest, judges)
     if problems:
         raise InputError(f"--calibration {calibration.root}: shares images (sha256) with an "
                          "evaluation set; a threshold chosen on them would be judged on them: "

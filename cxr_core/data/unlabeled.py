@@ -10,7 +10,6 @@ flatters every figure later measured on it.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,12 +17,17 @@ from typing import Any
 
 import pandas as pd
 
-from cxr_core.data.external import SCORABLE_FORMATS, shared_files
-from cxr_core.data.manifest import scan_images, write_manifest
+from cxr_core.data.external import (
+    SCORABLE_FORMATS,
+    excluded_files,
+    shared_files,
+    shared_image_problems,
+)
+from cxr_core.data.manifest import scan_images
 from cxr_core.errors import InputError
 
 UNLABELED_DIR = Path("unlabeled")
-MAX_EXAMPLES = 5
+MAX_EXAMPLES = 5  # files named in a finding
 
 
 def check_unlabeled_folder(folder: str | Path) -> str:
@@ -61,17 +65,6 @@ class UnlabeledScan:
         return lines
 
 
-def _excluded(manifest: pd.DataFrame) -> list[dict[str, str]]:
-    out = []
-    for row in manifest.sort_values("path").itertuples(index=False):
-        if not bool(row.readable):
-            out.append({"path": str(row.path), "reason": f"unreadable: {row.error}"})
-        elif row.format not in SCORABLE_FORMATS:
-            out.append({"path": str(row.path),
-                        "reason": f"format {row.format} is not decoded by the model's input pipeline"})
-    return out
-
-
 def scan_unlabeled(folder: str | Path, run_manifest: pd.DataFrame,
                    judges: Mapping[str, pd.DataFrame], workers: int = 0) -> UnlabeledScan:
     """Scan ``folder`` and check it against the run: InputError when it has no usable image,
@@ -87,7 +80,7 @@ def scan_unlabeled(folder: str | Path, run_manifest: pd.DataFrame,
     train = run_manifest[run_manifest["split"] == "train"]
     result.report = {
         "root": result.root, "files": len(manifest), "usable": len(result.paths),
-        "excluded": _excluded(manifest), "junk_skipped": len(scan.skipped),
+        "excluded": excluded_files(manifest, labelled=False), "junk_skipped": len(scan.skipped),
         "shared_with_train": shared_files(manifest, train)["count"],
     }
     return result
@@ -95,29 +88,11 @@ def scan_unlabeled(folder: str | Path, run_manifest: pd.DataFrame,
 
 def _check_disjoint(scan: UnlabeledScan, run_manifest: pd.DataFrame,
                     judges: Mapping[str, pd.DataFrame]) -> None:
-    rows = scan.manifest.dropna(subset=["sha256"])
     checks = [("the validation split", run_manifest[run_manifest["split"] == "val"]),
               ("the test split", run_manifest[run_manifest["split"] == "test"]),
               *sorted(judges.items())]
-    problems = []
-    for what, frame in checks:
-        hits = rows.merge(frame.dropna(subset=["sha256"])[["sha256", "path"]], on="sha256",
-                          suffixes=("", "_other"))
-        if len(hits):
-            named = "; ".join(f"{r.path} = {r.path_other}" for r in hits.head(MAX_EXAMPLES).itertuples())
-            more = f" and {len(hits) - MAX_EXAMPLES} more" if len(hits) > MAX_EXAMPLES else ""
-            problems.append(f"{len(hits)} with {what}: {named}{more}")
+    problems = shared_image_problems(scan.manifest, checks)
     if problems:
         raise InputError(f"--unlabeled {scan.root}: shares images (sha256) with data that "
                          "selects or judges the model; training on them, even pseudo-labeled, "
                          "would flatter its figures: " + " | ".join(problems))
-
-
-def write_unlabeled_scan(scan: UnlabeledScan, out_dir: Path) -> Path:
-    """``manifest.parquet`` and ``scan_report.json`` under ``out_dir``; the report's path."""
-    out_dir = Path(out_dir)
-    write_manifest(scan.manifest, out_dir / "manifest.parquet")
-    path = out_dir / "scan_report.json"
-    path.write_text(json.dumps(scan.report, indent=2, default=str), encoding="utf-8")
-    return path
-

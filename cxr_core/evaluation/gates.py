@@ -161,9 +161,9 @@ def paired_comparison(y_true: np.ndarray, candidate_pred: np.ndarray, champion_p
     b, c = int(champ_only.sum()), int(cand_only.sum())
     if groups is None:
         return PairedComparison(subset, int(mask.sum()), b, c, mcnemar_exact(b, c))
-    from cxr_core.evaluation.metrics import _cluster_codes
+    from cxr_core.evaluation.metrics import cluster_codes
 
-    codes = _cluster_codes(groups, len(y_true))[mask]
+    codes = cluster_codes(groups, len(y_true))[mask]
     _, codes = np.unique(codes, return_inverse=True)
     n_patients = int(codes.max()) + 1 if codes.size else 0
     if n_patients == codes.size:  # one image per patient: no clustering

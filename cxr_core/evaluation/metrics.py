@@ -197,7 +197,7 @@ def _draw_counts(idx: np.ndarray, n_clusters: int) -> np.ndarray:
     return np.bincount(flat, minlength=b * n_clusters).reshape(b, n_clusters)
 
 
-def _cluster_codes(groups: Any, n: int) -> np.ndarray:
+def cluster_codes(groups: Any, n: int) -> np.ndarray:
     """Cluster index 0..k-1 per image from any ids (a patient id per image). A missing id
     (None, nan, empty) makes the image a cluster of its own: it is not pooled with others."""
     import pandas as pd
@@ -265,7 +265,7 @@ def evaluate_predictions(y_true: Any, y_prob: Any, threshold: float, n_bootstrap
         raise ValueError("confidence must be in (0, 1)")
     threshold = float(threshold)
     n = y.size
-    prep = _Prepared(y, p, threshold, None if groups is None else _cluster_codes(groups, n))
+    prep = _Prepared(y, p, threshold, None if groups is None else cluster_codes(groups, n))
     k = prep.n_clusters
     point = prep.metrics(np.ones((1, k)))
     parts = _bootstrap(prep, n_bootstrap, seed)

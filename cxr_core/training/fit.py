@@ -148,11 +148,7 @@ def train_final(
     val_prob = predict_proba(model, val_ds)
     choice = choose_threshold(val_labels, val_prob, recall_target)
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model_path = out_dir / MODEL_FILE
-    model.save(model_path)
-    save_threshold(out_dir / THRESHOLD_FILE, choice)
+    model_path = save_model_dir(Path(out_dir), model, choice)
     val_auc = history.get(monitor, history.get("val_auc", []))
     return TrainedModel(
         model_path=model_path,
@@ -235,6 +231,14 @@ def final_model(model: Any, val_ds: Any, val_labels: np.ndarray, image_size: int
     return model, scaling.as_dict()
 
 
+def save_model_dir(out_dir: Path, model: Any, choice: ThresholdChoice) -> Path:
+    """``model.keras`` and ``threshold.json`` under ``out_dir``; the model file's path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save(out_dir / MODEL_FILE)
+    save_threshold(out_dir / THRESHOLD_FILE, choice)
+    return out_dir / MODEL_FILE
+
+
 def save_threshold(path: Path, choice: ThresholdChoice) -> Path:
     """Write the operating point beside the model."""
     Path(path).write_text(json.dumps(asdict(choice), indent=2), encoding="utf-8")
@@ -269,16 +273,18 @@ def train_best(best_hp: dict[str, Any], datasets: Datasets, cfg: ExperimentConfi
         label_smoothing=cfg.train.label_smoothing, monitor=cfg.tune.objective,
         mask=cfg.train.mask_annotations, crop=cfg.train.lung_crop.as_tuple(), pseudo=pseudo,
         ema_momentum=cfg.train.ema_momentum)
-    extra = [shifted_validation(datasets, cfg.seed), *(callbacks or [])]
+    shift = shifted_validation(datasets, cfg.seed)  # adds val_shift_* that may be monitored
+    extra = [shift, *(callbacks or [])]
     if cfg.train.ensemble_size > 1:
-        return _train_ensemble(best_hp, datasets, cfg, Path(work_dir), extra, shared)
+        return _train_ensemble(best_hp, datasets, cfg, Path(work_dir), extra, [shift], shared)
     return train_final(best_hp, datasets.train, datasets.val, datasets.val_data.labels,
                        Path(work_dir) / "model", seed=cfg.seed, callbacks=extra,
                        calibrate=cfg.train.calibrate, tta=cfg.train.tta, **shared)
 
 
 def _train_ensemble(best_hp: dict[str, Any], datasets: Datasets, cfg: ExperimentConfig,
-                    work_dir: Path, callbacks: list[Any], shared: dict[str, Any]) -> TrainedModel:
+                    work_dir: Path, callbacks: list[Any], later_callbacks: list[Any],
+                    shared: dict[str, Any]) -> TrainedModel:
     """``cfg.train.ensemble_size`` members (seeds ``cfg.seed + k``) trained plain under
     ``work_dir/members/k``, then saved as one model (:func:`ensemble_model`) with TTA and
     calibration as configured and the threshold chosen on its validation output. The
@@ -289,10 +295,11 @@ def _train_ensemble(best_hp: dict[str, Any], datasets: Datasets, cfg: Experiment
 
     trained, models = [], []
     for k in range(cfg.train.ensemble_size):
-        # The callbacks (live epoch logging) follow the first member only: one curve per run.
+        # Live epoch logging follows the first member only (one curve per run); later
+        # members get ``later_callbacks`` (what adds the monitored metric).
         member = train_final(best_hp, datasets.train, datasets.val, datasets.val_data.labels,
                              work_dir / "members" / str(k), seed=cfg.seed + k,
-                             callbacks=callbacks if k == 0 else callbacks[:1], **shared)
+                             callbacks=callbacks if k == 0 else later_callbacks, **shared)
         trained.append(member)
         models.append(keras.saving.load_model(member.model_path))
     model = ensemble_model(models, cfg.data.image_size)
@@ -301,12 +308,8 @@ def _train_ensemble(best_hp: dict[str, Any], datasets: Datasets, cfg: Experiment
                                      cfg.train.calibrate, cfg.train.tta)
     choice = choose_threshold(val_labels, predict_proba(model, datasets.val),
                               cfg.gates.recall_target_for_threshold)
-    out_dir = work_dir / "model"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save(out_dir / MODEL_FILE)
-    save_threshold(out_dir / THRESHOLD_FILE, choice)
     first = trained[0]
-    return TrainedModel(out_dir / MODEL_FILE, choice, dict(best_hp), first.history,
+    return TrainedModel(save_model_dir(work_dir / "model", model, choice), choice, dict(best_hp), first.history,
                         first.epochs_trained, first.best_epoch, calibration,
                         pseudo_labels=first.pseudo_labels,
                         members=[{"seed": cfg.seed + k, "epochs": t.epochs_trained,

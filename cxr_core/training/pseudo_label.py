@@ -11,7 +11,7 @@ afterwards on the labeled validation split, as always; the unlabeled images neve
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -85,12 +85,6 @@ class PseudoLabelPlan:
     image_size: int
     batch_size: int
     seed: int
-
-    def as_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out.pop("train_data")
-        out["unlabeled_paths"] = len(self.unlabeled_paths)
-        return out
 
 
 def unlabeled_probabilities(model: Any, paths: list[str], image_size: int,

