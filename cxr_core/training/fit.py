@@ -261,8 +261,10 @@ def train_best(best_hp: dict[str, Any], datasets: Datasets, cfg: ExperimentConfi
         from cxr_core.training.pseudo_label import PseudoLabelPlan
 
         pl = cfg.train.pseudo_label
+        online = cfg.balance.strategy == "online"
         pseudo = PseudoLabelPlan(list(unlabeled_paths), datasets.train_data, pl.share, pl.weight,
-                                 pl.epochs, cfg.data.image_size, cfg.train.batch_size, cfg.seed)
+                                 pl.epochs, cfg.data.image_size, cfg.train.batch_size, cfg.seed,
+                                 resample_ratio=cfg.balance.target_ratio if online else None)
     shared = dict(
         image_size=cfg.data.image_size, epochs=cfg.train.epochs,
         patience=cfg.train.early_stopping_patience,

@@ -85,6 +85,9 @@ class PseudoLabelPlan:
     image_size: int
     batch_size: int
     seed: int
+    # The ``online`` balancing strategy's target ratio: the round then draws classes at it,
+    # as the main training did (None: offline-balanced or class-weighted data, shuffled).
+    resample_ratio: float | None = None
 
 
 def unlabeled_probabilities(model: Any, paths: list[str], image_size: int,
@@ -100,6 +103,19 @@ def unlabeled_probabilities(model: Any, paths: list[str], image_size: int,
     return kept, (np.concatenate(probs) if probs else np.zeros(0))
 
 
+def round_dataset(plan: PseudoLabelPlan, mixed: SplitData) -> tuple[Any, int | None]:
+    """The round's training data: ``mixed`` shuffled, or for ``online`` balancing drawn at the
+    plan's class ratio (pseudo-labeled repeats stay in their class's pool, so they keep about
+    their share within it). Returns ``(dataset, steps_per_epoch or None)``."""
+    from cxr_core.data.inputs import make_dataset, make_resampled_dataset
+
+    if plan.resample_ratio is not None:
+        return make_resampled_dataset(mixed, plan.image_size, plan.batch_size, plan.seed + 1,
+                                      plan.resample_ratio)
+    return make_dataset(mixed, plan.image_size, plan.batch_size, shuffle=True,
+                        seed=plan.seed + 1), None
+
+
 def pseudo_label_round(model: Any, plan: PseudoLabelPlan, threshold: float,
                        fit_kwargs: dict[str, Any]) -> PseudoLabels:
     """Label the site images with ``model`` (at its own operating point ``threshold``, chosen
@@ -107,7 +123,6 @@ def pseudo_label_round(model: Any, plan: PseudoLabelPlan, threshold: float,
     with the pseudo-labeled ones. ``fit_kwargs`` are the final training's (validation data,
     class weights, verbosity); the optimizer goes on from where training ended (its reduced
     learning rate included)."""
-    from cxr_core.data.inputs import make_dataset
     from cxr_core.training.callbacks import progress_callback
 
     paths, probs = unlabeled_probabilities(model, plan.unlabeled_paths, plan.image_size,
@@ -115,11 +130,11 @@ def pseudo_label_round(model: Any, plan: PseudoLabelPlan, threshold: float,
     labels = select_pseudo_labels(paths, probs, threshold, plan.share)
     print(f"[pseudo-labels] {labels.summary()}", flush=True)
     if len(labels.data):
-        mixed = mixed_split(plan.train_data, labels.data, plan.weight)
-        ds = make_dataset(mixed, plan.image_size, plan.batch_size, shuffle=True,
-                          seed=plan.seed + 1)
+        ds, steps = round_dataset(plan, mixed_split(plan.train_data, labels.data, plan.weight))
         kwargs = {k: v for k, v in fit_kwargs.items()
                   if k in ("validation_data", "class_weight", "verbose")}
+        if steps:
+            kwargs["steps_per_epoch"] = steps
         model.fit(ds, epochs=plan.epochs, shuffle=False,
                   callbacks=[progress_callback("pseudo-label training")], **kwargs)
     return labels

@@ -8,8 +8,13 @@ import numpy as np
 import pytest
 
 from cxr_core.data.inputs import SplitData
-from cxr_core.training.pseudo_label import mixed_split, select_pseudo_labels
-from support.images import make_good_dataset
+from cxr_core.training.pseudo_label import (
+    PseudoLabelPlan,
+    mixed_split,
+    round_dataset,
+    select_pseudo_labels,
+)
+from support.images import make_good_dataset, write_image
 
 
 def test_the_ends_of_the_ranking_are_labeled_in_proportion_to_the_predicted_prevalence() -> None:
@@ -52,6 +57,32 @@ def test_pseudo_labeled_images_make_up_the_asked_weight() -> None:
     assert {(p, int(y)) for p, y in zip(mixed.paths, mixed.labels) if p.startswith("u")} == {
         ("u0", 0), ("u1", 0), ("u2", 1), ("u3", 1), ("u4", 1)}
     assert mixed_split(train, SplitData([], np.zeros(0, np.int32)), 0.25) is train
+
+
+def _drawn_labels(ds, steps: int | None) -> np.ndarray:
+    batches = ds.take(steps) if steps else ds
+    return np.concatenate([y.numpy() for _, y in batches])
+
+
+def test_the_round_draws_classes_at_the_online_ratio_and_otherwise_keeps_the_mix(
+        tmp_path: Path) -> None:
+    paths = [str(write_image(tmp_path / f"img{i}.png", seed=i, size=8, fmt="PNG"))
+             for i in range(20)]
+    # 16 NORMAL, 4 PNEUMONIA: what an unbalanced train split plus pseudo-labels looks like.
+    mixed = SplitData(paths, np.r_[np.zeros(16), np.ones(4)].astype(np.int32))
+
+    def plan(ratio: float | None) -> PseudoLabelPlan:
+        return PseudoLabelPlan([], mixed, 0.5, 0.25, 1, image_size=8, batch_size=4, seed=3,
+                               resample_ratio=ratio)
+
+    ds, steps = round_dataset(plan(None), mixed)
+    plain = _drawn_labels(ds, steps)
+    assert steps is None and len(plain) == 20 and plain.mean() == pytest.approx(0.2)
+    ds, steps = round_dataset(plan(1.0), mixed)
+    drawn = _drawn_labels(ds, steps)
+    # An epoch covers the majority once at 1:1, so about half the draws are PNEUMONIA.
+    assert steps == 8 and len(drawn) == 32
+    assert 0.3 <= drawn.mean() <= 0.7
 
 
 @pytest.mark.slow
