@@ -442,32 +442,53 @@ def _row(name: str, seed: int, args: argparse.Namespace, base: Any, prepared: Pa
     return row
 
 
-def site_calibrated(rows: list[dict], ext_rows: Any, n_bootstrap: int) -> list[dict]:
-    """What ``cxr run --calibration`` would give each (non cross-fitted) row on the external
-    set, cross-fitted: the threshold chosen for the recall target on one patient half of the
-    set, with its labels, scores the other half, and the reverse; the two halves are pooled
-    (each aligned to its own threshold). No training: the row's saved external outputs."""
+def patient_quarters(rows: Any) -> list[Any]:
+    """Each of :func:`patient_halves` split in two again by patient, stratified by label
+    (fixed seed): [half 0 part 0, half 0 part 1, half 1 part 0, half 1 part 1]."""
+    return [q for half in patient_halves(rows) for q in patient_halves(half)]
+
+
+def calibration_pairs(ext_rows: Any, small: bool) -> list[tuple[set, set]]:
+    """(calibration paths, scored paths) pairs that cover the external set once.
+
+    ``small=False``: the two patient halves, each choosing the threshold for the other
+    (about half the set labelled). ``small=True``: within each half, its two quarters choose
+    for each other, so a cross-fitted pseudo-label model (which saw the other half,
+    unlabeled) never saw the calibration sample nor the images it scores."""
+    parts = patient_quarters(ext_rows) if small else patient_halves(ext_rows)
+    paths = [set(p["path"]) for p in parts]
+    pairs = [(0, 1), (1, 0), (2, 3), (3, 2)] if small else [(0, 1), (1, 0)]
+    return [(paths[a], paths[b]) for a, b in pairs]
+
+
+def site_calibrated(rows: list[dict], ext_rows: Any, n_bootstrap: int,
+                    small: bool = False) -> list[dict]:
+    """What ``cxr run --calibration`` would give each row on the external set, cross-fitted
+    over :func:`calibration_pairs`: the threshold chosen for the recall target on one part,
+    with its labels, scores the other; the scored parts are pooled (each aligned to its own
+    threshold). No training: the row's saved external outputs. Cross-fitted pseudo-label
+    rows only with ``small`` (with halves, the calibration half is the one they saw)."""
     import pandas as pd
 
     from cxr_core.training.fit import choose_threshold
 
-    halves = patient_halves(ext_rows)
+    pairs = calibration_pairs(ext_rows, small)
     out = []
     for r in rows:
-        if r.get("unlabeled"):
+        if r.get("unlabeled") and not small:
             continue
         preds = pd.read_csv(Path(r["folder"]) / "external_predictions.csv",
                             dtype={"patient_id": str})
         parts, thresholds = [], []
-        for k in (0, 1):
-            chosen = preds[preds["path"].isin(set(halves[k]["path"]))]
-            scored = preds[preds["path"].isin(set(halves[1 - k]["path"]))]
+        for cal_paths, scored_paths in pairs:
+            chosen = preds[preds["path"].isin(cal_paths)]
             t = choose_threshold(chosen["label"].to_numpy(), chosen["probability"].to_numpy(),
                                  r["recall_target"]).threshold
             thresholds.append(t)
-            parts.append(_aligned(scored, t))
+            parts.append(_aligned(preds[preds["path"].isin(scored_paths)], t))
         pooled = pd.concat(parts, ignore_index=True)
         out.append({"option": r["option"], "seed": r["seed"], "site_thresholds": thresholds,
+                    "calibration_images": round(sum(len(c) for c, _ in pairs) / len(pairs)),
                     "model_threshold": r["threshold"],
                     "external": _score(pooled, 0.5, n_bootstrap, r["recall_target"])})
     return out
@@ -562,7 +583,8 @@ def _interval(m: dict) -> str:
 
 
 def markdown(rows: list[dict], summary: list[dict], ensembles: list[dict], command: str,
-             n_test: int, n_ext: int, site: list[dict] | None = None) -> str:
+             n_test: int, n_ext: int, site: list[dict] | None = None,
+             site_small: list[dict] | None = None) -> str:
     """The two tables of docs/benchmarks.md: per option over seeds, then every row (and
     every option's seed ensemble) with its patient-bootstrap intervals."""
     heads = ("ROC-AUC", "accuracy", "recall", "specificity")
@@ -591,16 +613,25 @@ def markdown(rows: list[dict], summary: list[dict], ensembles: list[dict], comma
                  for m in TABLE_METRICS]
         lines.append(f"| {e['option']} | {','.join(map(str, e['seeds']))} | "
                      + " | ".join(cells) + " | - | - |")
-    if site:
-        lines += ["", "Site calibration (`--calibration`), cross-fitted: the threshold chosen "
-                  "on one patient half of the external set scores the other half, and the "
-                  "reverse (pooled):", "",
-                  "| option | seed | model threshold | site thresholds | "
+    captions = (
+        (site, "Site calibration (`--calibration`), cross-fitted: the threshold chosen on one "
+               "patient half of the external set scores the other half, and the reverse "
+               "(pooled):"),
+        (site_small, "Site calibration with a smaller sample, nested in the cross-fitting: "
+                     "each patient half is split in two again, and each quarter chooses the "
+                     "threshold for the other (pooled); a pseudo-label row's model saw neither "
+                     "quarter:"))
+    for table, caption in captions:
+        if not table:
+            continue
+        lines += ["", caption, "",
+                  "| option | seed | labelled | model threshold | site thresholds | "
                   + " | ".join(f"external {h}" for h in heads) + " |",
-                  "| --- | --- | --- | --- | " + " | ".join(["---"] * 4) + " |"]
-        for c in site:
+                  "| --- | --- | --- | --- | --- | " + " | ".join(["---"] * 4) + " |"]
+        for c in table:
             cells = [_interval(c["external"]["metrics"][m]) for m in TABLE_METRICS]
-            lines.append(f"| {c['option']} | {c['seed']} | {c['model_threshold']:.3f} | "
+            lines.append(f"| {c['option']} | {c['seed']} | {c['calibration_images']} | "
+                         f"{c['model_threshold']:.3f} | "
                          + ", ".join(f"{t:.3f}" for t in c["site_thresholds"]) + " | "
                          + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -670,14 +701,15 @@ def main(argv: list[str] | None = None) -> int:
     import keras
 
     def save(rows: list[dict], ensembles: list[dict], complete: bool,
-             site: list[dict] | None = None) -> None:
+             site: list[dict] | None = None, site_small: list[dict] | None = None) -> None:
         write_results(args.json, "external", {
             "complete": complete, "data_dir": args.data_dir, "external": str(args.external),
             "carving": carving, "test_images": int(len(test_rows)),
             "external_images": int(len(ext_rows)), "external_overlap": overlap,
             "base_hyperparameters": BASE_HP, "base_override": BASE_OVERRIDE,
             "options": names, "seeds": seeds, "rows": rows, "summary": summarize(rows),
-            "seed_ensembles": ensembles, "site_calibrated": site or []}, argv)
+            "seed_ensembles": ensembles, "site_calibrated": site or [],
+            "site_calibrated_small": site_small or []}, argv)
 
     rows: list[dict] = []
     for name in names:
@@ -693,10 +725,11 @@ def main(argv: list[str] | None = None) -> int:
 
     ensembles = seed_ensembles(rows, args.n_bootstrap)
     site = site_calibrated(rows, ext_rows, args.n_bootstrap)
-    save(rows, ensembles, complete=True, site=site)
+    site_small = site_calibrated(rows, ext_rows, args.n_bootstrap, small=True)
+    save(rows, ensembles, complete=True, site=site, site_small=site_small)
     print()
     print(markdown(rows, summarize(rows), ensembles, command, len(test_rows), len(ext_rows),
-                   site))
+                   site, site_small))
     return 0
 
 

@@ -66,6 +66,10 @@ def test_external_benchmark_rows_with_intervals_and_resume(tmp_path: Path) -> No
         assert len(c["site_thresholds"]) == 2
         m = c["external"]["metrics"]["recall"]
         assert m["low"] <= m["value"] <= m["high"]
+    # The smaller sample nested in the halves: a threshold per quarter.
+    small = result["site_calibrated_small"]
+    assert [len(c["site_thresholds"]) for c in small] == [4, 4]
+    assert all(c["calibration_images"] == 20 for c in small)
 
     # A rerun resumes: the finished rows are read back, nothing is trained again.
     trained = sorted((tmp_path / "work" / "rows").rglob("trained.json"))
@@ -87,6 +91,19 @@ def test_cross_fitting_halves_split_patients_and_alignment_keeps_decisions() -> 
     assert len(a) + len(b) == 40 and not set(a["path"]) & set(b["path"])
     assert not set(a["patient_id"]) & set(b["patient_id"])  # no patient on both sides
     assert set(a["label"]) == set(b["label"]) == {"NORMAL", "PNEUMONIA"}
+    # Nested calibration: each half's quarters choose for each other; every image is scored
+    # once, never by a threshold chosen on its own patient, never across the halves.
+    halves = [set(a["path"]), set(b["path"])]
+    pairs = bench.calibration_pairs(rows, small=True)
+    assert len(pairs) == 4
+    scored = [p for _, s in pairs for p in s]
+    assert sorted(scored) == sorted(rows["path"])
+    patient = dict(zip(rows["path"], rows["patient_id"]))
+    for cal, sco in pairs:
+        assert cal and sco and not cal & sco
+        assert not {patient[p] for p in cal} & {patient[p] for p in sco}
+        assert any(cal | sco <= h for h in halves)
+    assert [len(c) for c, _ in bench.calibration_pairs(rows, small=False)] == [len(a), len(b)]
     # Aligning to a threshold moves it to 0.5: same decisions, same order within the model.
     preds = pd.DataFrame({"probability": [0.05, 0.2, 0.69, 0.7, 0.71, 0.99]})
     aligned = bench._aligned(preds, 0.7)["probability"].to_numpy()
