@@ -118,6 +118,13 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "pseudo-label": {"about": "pseudo-labels on the unlabeled external images (share 0.5, "
                               "weight 0.25, 3 epochs), cross-fitted over two patient halves",
                      "config": {}, "unlabeled": "crossfit"},
+    # Variations of the round, composed with pseudo-label (one change each).
+    "pl-rounds2": {"about": "two pseudo-label rounds (relabelled by the adapted model)",
+                   "config": {"train": {"pseudo_label": {"rounds": 2}}}},
+    "pl-share80": {"about": "pseudo-labels on 80% of each predicted class (not 50%)",
+                   "config": {"train": {"pseudo_label": {"share": 0.8}}}},
+    "pl-weight50": {"about": "pseudo-labelled images half of each round's epoch (not 25%)",
+                    "config": {"train": {"pseudo_label": {"weight": 0.5}}}},
 }
 # What runs without --options: each option at its own size, plus input resolution.
 DEFAULT_OPTIONS = ("baseline", "full-profile", "baseline@96", "baseline@192", "baseline@224",

@@ -142,11 +142,14 @@ class PseudoLabelConfig(_Section):
     --unlabeled DIR``): after training, the model ranks those images; the most confident
     ``share`` of each predicted class (the top of the ranking as PNEUMONIA, the bottom as
     NORMAL, in proportion to the predicted prevalence) become pseudo-labels, and training
-    goes on for ``epochs`` epochs with them making up ``weight`` of each epoch."""
+    goes on for ``epochs`` epochs with them making up ``weight`` of each epoch. ``rounds`` > 1
+    repeats this (self-training): the model, now better at the site, ranks its images again
+    and the pseudo-labels are chosen anew."""
 
     share: float = Field(0.5, gt=0, le=1)
     weight: float = Field(0.25, gt=0, lt=1)
     epochs: int = Field(3, ge=1)
+    rounds: int = Field(1, ge=1)
 
 
 class TrainConfig(_Section):

@@ -176,15 +176,20 @@ def _ema_options(momentum: float, train_ds: Any, steps_per_epoch: int | None) ->
 
 def _pseudo_labels(model: Any, pseudo: Any | None, val_labels: np.ndarray,
                    recall_target: float, fit_kwargs: dict[str, Any]) -> dict[str, Any] | None:
-    """The pseudo-label round of ``pseudo`` (None: no round, no summary)."""
+    """The pseudo-label rounds of ``pseudo`` (None: no round, no summary); the summary is the
+    last round's, with the number of rounds."""
     if pseudo is None or not pseudo.unlabeled_paths:
         return None
     from cxr_core.training.pseudo_label import pseudo_label_round
 
-    # The model's own operating point on validation sets the predicted prevalence.
-    raw = choose_threshold(val_labels, predict_proba(model, fit_kwargs["validation_data"]),
-                           recall_target)
-    return pseudo_label_round(model, pseudo, raw.threshold, fit_kwargs).summary()
+    summary: dict[str, Any] = {}
+    for _ in range(pseudo.rounds):
+        # The model's own operating point on validation sets the predicted prevalence; it
+        # is chosen again each round, as the model has moved.
+        raw = choose_threshold(val_labels, predict_proba(model, fit_kwargs["validation_data"]),
+                               recall_target)
+        summary = pseudo_label_round(model, pseudo, raw.threshold, fit_kwargs).summary()
+    return {**summary, "rounds": pseudo.rounds}
 
 
 def _final_callbacks(extra: list[Any] | None, monitor: str, patience: int) -> list[Any]:
@@ -264,7 +269,8 @@ def train_best(best_hp: dict[str, Any], datasets: Datasets, cfg: ExperimentConfi
         online = cfg.balance.strategy == "online"
         pseudo = PseudoLabelPlan(list(unlabeled_paths), datasets.train_data, pl.share, pl.weight,
                                  pl.epochs, cfg.data.image_size, cfg.train.batch_size, cfg.seed,
-                                 resample_ratio=cfg.balance.target_ratio if online else None)
+                                 resample_ratio=cfg.balance.target_ratio if online else None,
+                                 rounds=pl.rounds)
     shared = dict(
         image_size=cfg.data.image_size, epochs=cfg.train.epochs,
         patience=cfg.train.early_stopping_patience,

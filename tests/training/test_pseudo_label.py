@@ -86,7 +86,8 @@ def test_the_round_draws_classes_at_the_online_ratio_and_otherwise_keeps_the_mix
 
 
 @pytest.mark.slow
-def test_final_training_with_unlabeled_images_records_its_pseudo_labels(tmp_path: Path) -> None:
+def test_final_training_with_unlabeled_images_records_its_pseudo_labels(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from cxr_core.config import ExperimentConfig, deep_merge, load_config
     from cxr_core.data.balance import BalancedTrainSet
     from cxr_core.data.inputs import make_datasets
@@ -100,7 +101,7 @@ def test_final_training_with_unlabeled_images_records_its_pseudo_labels(tmp_path
     assert unlabeled
     cfg = ExperimentConfig.model_validate(deep_merge(load_config(profile="quick").model_dump(), {
         "data": {"image_size": 32, "min_val_images": 0},
-        "train": {"epochs": 1, "batch_size": 16, "pseudo_label": {"epochs": 1}},
+        "train": {"epochs": 1, "batch_size": 16, "pseudo_label": {"epochs": 1, "rounds": 2}},
         "balance": {"strategy": "class_weight"}}))
     scan = scan_and_split(data, cfg.data, cfg.seed)
     datasets = make_datasets(BalancedTrainSet(scan.manifest, None, None), cfg)
@@ -109,6 +110,9 @@ def test_final_training_with_unlabeled_images_records_its_pseudo_labels(tmp_path
     summary = trained.pseudo_labels
     assert summary is not None and summary["unlabeled_images"] == len(unlabeled)
     assert summary["pseudo_normal"] + summary["pseudo_pneumonia"] >= 1
+    # Two rounds: the site images were ranked and pseudo-labeled twice.
+    assert summary["rounds"] == 2
+    assert capsys.readouterr().out.count("[pseudo-labels]") == 2
     # The saved model and its threshold are those of the model after the extra round.
     loaded = load_model_dir(tmp_path / "run" / "model")
     assert loaded.threshold == pytest.approx(trained.threshold.threshold)
