@@ -109,10 +109,16 @@ def test_cross_fitting_halves_split_patients_and_alignment_keeps_decisions() -> 
     aligned = bench._aligned(preds, 0.7)["probability"].to_numpy()
     assert ((aligned >= 0.5) == (preds["probability"].to_numpy() >= 0.7)).all()
     assert (np.diff(aligned) > 0).all() and aligned[3] == pytest.approx(0.5)
-    # Settings added later stay out of a cached row's key while at their defaults.
+    # Settings added later stay out of a cached row's key at the value they had before; the
+    # pseudo-label settings count only for rows given unlabeled images.
     from cxr_core.config import ExperimentConfig
 
     cfg = ExperimentConfig()
     assert "ema_momentum" not in bench._key_config(cfg)["train"]
     changed = ExperimentConfig.model_validate({"train": {"ema_momentum": 0.99}})
     assert bench._key_config(changed)["train"]["ema_momentum"] == 0.99
+    one_round = ExperimentConfig.model_validate({"train": {"pseudo_label": {"rounds": 1}}})
+    two_rounds = ExperimentConfig.model_validate({"train": {"pseudo_label": {"rounds": 2}}})
+    assert "pseudo_label" not in bench._key_config(one_round, "crossfit")["train"]
+    assert bench._key_config(two_rounds, "crossfit")["train"]["pseudo_label"]["rounds"] == 2
+    assert bench._key_config(one_round) == bench._key_config(two_rounds)
