@@ -107,6 +107,12 @@ class BalanceConfig(_Section):
     augment: AugmentConfig = AugmentConfig()
 
 
+# The search space's hyperparameters (cxr_core.training.model.CxrHyperModel), the names
+# ``tune.fixed`` may pin.
+SEARCH_HYPERPARAMETERS = ("blocks", "base_filters", "convs_per_block", "residual", "dropout",
+                          "dense_units", "learning_rate")
+
+
 class TuneConfig(_Section):
     algorithm: Literal["hyperband", "bayesian", "random"] = "hyperband"
     objective: str = "val_auc"
@@ -116,6 +122,18 @@ class TuneConfig(_Section):
     # Trials train on this class-stratified share of the train split (the final training
     # uses all of it): the search only has to rank models, at a fraction of the time.
     train_fraction: float = Field(1.0, gt=0, le=1)
+    # Hyperparameters held at a value in every trial (the rest are searched), e.g.
+    # {residual: true, blocks: 4, convs_per_block: 2}: an architecture measured to hold up
+    # on the real shift, which validation carved from train cannot see.
+    fixed: dict[str, bool | int | float] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _fixed_in_search_space(self) -> TuneConfig:
+        unknown = sorted(set(self.fixed) - set(SEARCH_HYPERPARAMETERS))
+        if unknown:
+            raise ValueError(f"tune.fixed: unknown hyperparameter(s) {unknown}; the search "
+                             f"space has {list(SEARCH_HYPERPARAMETERS)}")
+        return self
 
 
 class LungCropConfig(_Section):

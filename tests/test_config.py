@@ -47,6 +47,7 @@ def test_user_file_overrides_profile_and_adds_profiles(tmp_path: Path) -> None:
         ("validation:\n  min_width: 900\n  max_width: 100\n", "min image size"),
         ("- a\n- b\n", "mapping"),
         ("tune: [\n", "not valid YAML"),
+        ("tune:\n  fixed:\n    residul: true\n", "residul"),  # a pinned name must exist
     ],
 )
 def test_bad_config_names_file_and_field(tmp_path: Path, text: str, match: str) -> None:

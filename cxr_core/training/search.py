@@ -138,8 +138,10 @@ def make_tuner(
     executions_per_trial: int = 1,
     seed: int = 0,
     distribution_strategy: Any | None = None,
+    fixed: dict[str, Any] | None = None,
 ) -> kt.Tuner:
     """Build (or reload: ``overwrite=False``) the tuner whose state lives in ``directory``.
+    ``fixed`` hyperparameters keep their value in every trial; the others are searched.
 
     ``max_trials`` counts trials already done, so a rerun only adds the missing ones. A
     changed search space needs a new ``project_name``.
@@ -155,6 +157,12 @@ def make_tuner(
         distribution_strategy=distribution_strategy,
         max_consecutive_failed_trials=3,
     )
+    if fixed:
+        pinned = kt.HyperParameters()
+        for name, value in fixed.items():
+            pinned.Fixed(name, value)
+        # tune_new_entries: the hyperparameters the model registers beside them are searched.
+        common.update(hyperparameters=pinned, tune_new_entries=True)
     if algorithm == "hyperband":
         tuner = HyperbandTuner(max_epochs=max_epochs, factor=3, hyperband_iterations=1, **common)
         # Hyperband sizes its brackets from max_epochs; the profile's trial budget caps it.
@@ -258,7 +266,7 @@ def tuner_for(cfg: ExperimentConfig, work_dir: Path, distribution_strategy: Any 
         hypermodel_for(cfg), Path(work_dir) / "tuner", algorithm=cfg.tune.algorithm,
         objective_name=cfg.tune.objective, max_trials=cfg.tune.max_trials,
         max_epochs=cfg.tune.max_epochs, executions_per_trial=cfg.tune.executions_per_trial,
-        seed=cfg.seed, distribution_strategy=distribution_strategy)
+        seed=cfg.seed, distribution_strategy=distribution_strategy, fixed=cfg.tune.fixed)
 
 
 def tune(datasets: Datasets, cfg: ExperimentConfig, work_dir: Path,

@@ -59,6 +59,19 @@ def test_search_returns_per_trial_results(tiny_data: Path, tmp_path: Path) -> No
     assert "blocks" in best_hyperparameters(tuner)
 
 
+def test_fixed_hyperparameters_hold_in_every_trial(tiny_data: Path, tmp_path: Path) -> None:
+    from cxr_core.config import SEARCH_HYPERPARAMETERS
+
+    cfg = tiny_config(tune={"fixed": {"residual": True, "convs_per_block": 2}})
+    _, trials = tune(_datasets(tiny_data, cfg), cfg, tmp_path)
+    assert len(trials) == 2
+    for t in trials:
+        assert t.hyperparameters["residual"] is True and t.hyperparameters["convs_per_block"] == 2
+        # The rest is still searched, and the config's list names the whole space.
+        assert set(t.hyperparameters) == set(SEARCH_HYPERPARAMETERS)
+    assert len({t.hyperparameters["learning_rate"] for t in trials}) == 2
+
+
 def test_interrupted_search_resumes_without_rerunning(tiny_data: Path, tmp_path: Path) -> None:
     cfg1 = tiny_config(tune={"max_trials": 1})
     ds = _datasets(tiny_data, cfg1)
