@@ -165,7 +165,8 @@ def resolve_option(name: str) -> dict[str, Any]:
 KEY_OMITS_AT = {("train", "ema_momentum"): 0.0,
                 ("train", "pseudo_label"): {"share": 0.5, "weight": 0.25, "epochs": 3,
                                             "rounds": 1},
-                ("train", "ensemble_size"): 1}
+                ("train", "ensemble_size"): 1,
+                ("tune", "fixed"): {}}
 
 
 def _key_config(cfg: Any, unlabeled: str | None = None) -> dict[str, Any]:

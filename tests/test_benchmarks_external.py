@@ -122,3 +122,4 @@ def test_cross_fitting_halves_split_patients_and_alignment_keeps_decisions() -> 
     assert "pseudo_label" not in bench._key_config(one_round, "crossfit")["train"]
     assert bench._key_config(two_rounds, "crossfit")["train"]["pseudo_label"]["rounds"] == 2
     assert bench._key_config(one_round) == bench._key_config(two_rounds)
+    assert "fixed" not in bench._key_config(cfg)["tune"]
