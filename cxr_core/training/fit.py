@@ -269,8 +269,8 @@ def train_best(best_hp: dict[str, Any], datasets: Datasets, cfg: ExperimentConfi
         online = cfg.balance.strategy == "online"
         pseudo = PseudoLabelPlan(list(unlabeled_paths), datasets.train_data, pl.share, pl.weight,
                                  pl.epochs, cfg.data.image_size, cfg.train.batch_size, cfg.seed,
-                                 resample_ratio=cfg.balance.target_ratio if online else None,
-                                 rounds=pl.rounds)
+                                 rounds=pl.rounds,
+                                 resample_ratio=cfg.balance.target_ratio if online else None)
     shared = dict(
         image_size=cfg.data.image_size, epochs=cfg.train.epochs,
         patience=cfg.train.early_stopping_patience,

@@ -85,10 +85,10 @@ class PseudoLabelPlan:
     image_size: int
     batch_size: int
     seed: int
+    rounds: int                   # train.pseudo_label.rounds: label and train this many times
     # The ``online`` balancing strategy's target ratio: the round then draws classes at it,
     # as the main training did (None: offline-balanced or class-weighted data, shuffled).
     resample_ratio: float | None = None
-    rounds: int = 1
 
 
 def unlabeled_probabilities(model: Any, paths: list[str], image_size: int,

@@ -73,7 +73,7 @@ def test_the_round_draws_classes_at_the_online_ratio_and_otherwise_keeps_the_mix
 
     def plan(ratio: float | None) -> PseudoLabelPlan:
         return PseudoLabelPlan([], mixed, 0.5, 0.25, 1, image_size=8, batch_size=4, seed=3,
-                               resample_ratio=ratio)
+                               rounds=1, resample_ratio=ratio)
 
     ds, steps = round_dataset(plan(None), mixed)
     plain = _drawn_labels(ds, steps)
