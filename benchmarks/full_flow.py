@@ -7,7 +7,7 @@ is reused. Peak RSS is the largest resident set of the flow process (and any chi
 waited for).
 
 Usage: python benchmarks/full_flow.py [DATA_DIR] [--profile full] [--config FILE]
-           [--external NAME=DIR ...] [--unlabeled DIR]
+           [--seed N] [--external NAME=DIR ...] [--unlabeled DIR]
            [--json benchmarks/results/full_flow.json]    (DATA_DIR defaults to $CXR_REAL_DATA)
 
 ``--external`` and ``--unlabeled`` are passed on to ``cxr run``; the external sets' metrics
@@ -36,6 +36,18 @@ def _rounded(value: object) -> object:
     return round(value, 4) if isinstance(value, float) else value
 
 
+def _config_with_seed(config: str | None, seed: int, home: Path) -> Path:
+    """A copy of ``config`` (or an empty one) with ``seed`` set, written into ``home``."""
+    import yaml
+
+    doc = yaml.safe_load(Path(config).read_text()) if config else {}
+    doc = {**(doc or {}), "seed": seed}
+    home.mkdir(parents=True, exist_ok=True)
+    out = home / "benchmark-config.yaml"
+    out.write_text(yaml.safe_dump(doc))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_data_and_json_args(parser, "full_flow")
@@ -45,14 +57,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--external", action="append", default=[], metavar="NAME=DIR",
                         help="an external validation set to score (repeatable)")
     parser.add_argument("--unlabeled", help="unlabeled site images for pseudo-labels")
+    parser.add_argument("--seed", type=int,
+                        help="the experiment seed, set over --config's (default: the config's)")
     args = parse_with_data(parser, argv)
 
     home = Path(args.home or tempfile.mkdtemp(prefix="cxr-bench-home-"))
     result_file = home / "result.json"
     cmd = [sys.executable, "-m", "flows.cli", "run", "--data-dir", args.data_dir,
            "--profile", args.profile, "--json-out", str(result_file)]
-    if args.config:
-        cmd += ["--config", args.config]
+    config = _config_with_seed(args.config, args.seed, home) if args.seed is not None \
+        else args.config
+    if config:
+        cmd += ["--config", str(config)]
     for spec in args.external:
         cmd += ["--external", spec]
     if args.unlabeled:
