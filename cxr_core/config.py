@@ -108,9 +108,30 @@ class BalanceConfig(_Section):
 
 
 # The search space's hyperparameters (cxr_core.training.model.CxrHyperModel), the names
-# ``tune.fixed`` may pin.
-SEARCH_HYPERPARAMETERS = ("blocks", "base_filters", "convs_per_block", "residual", "dropout",
-                          "dense_units", "learning_rate")
+# ``tune.fixed`` may pin, each with the kind and range of value build_cnn accepts (wider than
+# the searched range: a pinned value may lie outside it, e.g. five blocks).
+SEARCH_HYPERPARAMETERS: dict[str, tuple[type, float, float]] = {
+    "blocks": (int, 1, 6),            # each halves the resolution after the stride-4 stem
+    "base_filters": (int, 4, 256),
+    "convs_per_block": (int, 1, 4),
+    "residual": (bool, 0, 1),
+    "dropout": (float, 0.0, 0.9),
+    "dense_units": (int, 0, 1024),    # 0: no dense layer before the output
+    "learning_rate": (float, 1e-6, 1.0),
+}
+
+
+def _fixed_value_problem(name: str, value: bool | int | float) -> str | None:
+    """Why ``value`` cannot be pinned for ``name`` (None when it can)."""
+    kind, low, high = SEARCH_HYPERPARAMETERS[name]
+    # bool is an int subclass in Python: check it first, both ways.
+    if kind is bool:
+        return None if isinstance(value, bool) else "must be true or false"
+    if isinstance(value, bool) or (kind is int and not isinstance(value, int)):
+        return f"must be {'an integer' if kind is int else 'a number'}"
+    if not low <= value <= high:
+        return f"must lie in [{low}, {high}]"
+    return None
 
 
 class TuneConfig(_Section):
@@ -133,6 +154,10 @@ class TuneConfig(_Section):
         if unknown:
             raise ValueError(f"tune.fixed: unknown hyperparameter(s) {unknown}; the search "
                              f"space has {list(SEARCH_HYPERPARAMETERS)}")
+        problems = [f"{name}: {value!r} {problem}" for name, value in self.fixed.items()
+                    if (problem := _fixed_value_problem(name, value))]
+        if problems:
+            raise ValueError("tune.fixed: " + "; ".join(problems))
         return self
 
 

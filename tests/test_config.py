@@ -48,6 +48,11 @@ def test_user_file_overrides_profile_and_adds_profiles(tmp_path: Path) -> None:
         ("- a\n- b\n", "mapping"),
         ("tune: [\n", "not valid YAML"),
         ("tune:\n  fixed:\n    residul: true\n", "residul"),  # a pinned name must exist
+        # ... and a value of its kind, in the range the network builder accepts
+        ("tune:\n  fixed:\n    residual: 4\n", "residual: 4 must be true or false"),
+        ("tune:\n  fixed:\n    blocks: 2.5\n", "blocks: 2.5 must be an integer"),
+        ("tune:\n  fixed:\n    blocks: true\n", "blocks: True must be an integer"),
+        ("tune:\n  fixed:\n    dropout: 1.5\n", r"dropout: 1.5 must lie in \[0.0, 0.9\]"),
     ],
 )
 def test_bad_config_names_file_and_field(tmp_path: Path, text: str, match: str) -> None:
@@ -56,6 +61,15 @@ def test_bad_config_names_file_and_field(tmp_path: Path, text: str, match: str) 
     with pytest.raises(ConfigError, match=match) as exc:
         load_config(f, "quick")
     assert "bad.yaml" in str(exc.value)
+
+
+def test_fixed_accepts_values_outside_the_searched_range(tmp_path: Path) -> None:
+    # The search tries 3-4 blocks; a user may pin 5, and an integer dropout is a number.
+    f = tmp_path / "exp.yaml"
+    f.write_text("tune:\n  fixed: {blocks: 5, residual: true, dropout: 0, learning_rate: 0.01}\n")
+    fixed = load_config(f, "quick").tune.fixed
+    assert fixed == {"blocks": 5, "residual": True, "dropout": 0, "learning_rate": 0.01}
+    assert fixed["residual"] is True
 
 
 def test_unknown_profile_lists_available() -> None:
