@@ -111,6 +111,17 @@ def log_metrics(client: Any, run_id: str, metrics: Mapping[str, float], step: in
         client.log_batch(run_id, metrics=items[i:i + 1000])
 
 
+def _log_pseudo_labels(client: Any, run_id: str, summary: Mapping[str, Any]) -> None:
+    """``pseudo_label_*`` metrics: each round's counts at its round number as the step (the
+    latest, which MLflow shows, is the last round's), and ``pseudo_label_rounds``."""
+    if not summary:
+        return
+    log_metrics(client, run_id, {"pseudo_label_rounds": summary["rounds"]})
+    for step, counts in enumerate(summary.get("per_round") or [summary], start=1):
+        log_metrics(client, run_id, {f"pseudo_label_{k}": v for k, v in counts.items()
+                                     if k not in ("rounds", "per_round")}, step=step)
+
+
 def log_history(client: Any, run_id: str, history: Mapping[str, Iterable[float]]) -> None:
     """Per-epoch metrics with the epoch as step."""
     for name, values in history.items():
@@ -400,9 +411,8 @@ def _log_final_metrics(client: Any, parent: str, final: str, trained: Any, evalu
                                 "val_specificity_at_threshold": t.specificity,
                                 "epochs_trained": trained.epochs_trained,
                                 **{f"calibration_{k}": v for k, v in
-                                   (trained.calibration or {}).items()},
-                                **{f"pseudo_label_{k}": v for k, v in
-                                   (getattr(trained, "pseudo_labels", None) or {}).items()}})
+                                   (trained.calibration or {}).items()}})
+    _log_pseudo_labels(client, final, getattr(trained, "pseudo_labels", None) or {})
     log_metrics(client, final, evaluated.robustness)
     log_metrics(client, parent, {**test_metrics, **evaluated.robustness})
     # External sets (external_<name>_<metric>, with interval bounds) and the site threshold.

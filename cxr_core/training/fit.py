@@ -177,19 +177,19 @@ def _ema_options(momentum: float, train_ds: Any, steps_per_epoch: int | None) ->
 def _pseudo_labels(model: Any, pseudo: Any | None, val_labels: np.ndarray,
                    recall_target: float, fit_kwargs: dict[str, Any]) -> dict[str, Any] | None:
     """The pseudo-label rounds of ``pseudo`` (None: no round, no summary); the summary is the
-    last round's, with the number of rounds."""
+    last round's, with the number of rounds and each round's own (``per_round``)."""
     if pseudo is None or not pseudo.unlabeled_paths:
         return None
     from cxr_core.training.pseudo_label import pseudo_label_round
 
-    summary: dict[str, Any] = {}
+    per_round: list[dict[str, Any]] = []
     for _ in range(pseudo.rounds):
         # The model's own operating point on validation sets the predicted prevalence; it
         # is chosen again each round, as the model has moved.
         raw = choose_threshold(val_labels, predict_proba(model, fit_kwargs["validation_data"]),
                                recall_target)
-        summary = pseudo_label_round(model, pseudo, raw.threshold, fit_kwargs).summary()
-    return {**summary, "rounds": pseudo.rounds}
+        per_round.append(pseudo_label_round(model, pseudo, raw.threshold, fit_kwargs).summary())
+    return {**per_round[-1], "rounds": pseudo.rounds, "per_round": per_round}
 
 
 def _final_callbacks(extra: list[Any] | None, monitor: str, patience: int) -> list[Any]:

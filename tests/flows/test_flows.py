@@ -221,6 +221,11 @@ def _check_external_results(result, client, parent, final, keys, loaded) -> None
     pseudo = result["pseudo_labels"]
     assert pseudo["unlabeled_images"] == 40 and pseudo["pseudo_normal"] + pseudo["pseudo_pneumonia"] >= 1
     assert final.data.metrics["pseudo_label_unlabeled_images"] == 40
+    # Each self-training round's counts are kept, at its round number as the step.
+    assert final.data.metrics["pseudo_label_rounds"] == pseudo["rounds"] == 2
+    history = client.get_metric_history(final.info.run_id, "pseudo_label_pseudo_normal")
+    assert sorted((m.step, m.value) for m in history) == [
+        (r, c["pseudo_normal"]) for r, c in enumerate(pseudo["per_round"], start=1)]
     decision = json.loads(Path(client.download_artifacts(
         final.info.run_id, "gate_decision.json")).read_text())
     assert {"name": "external_site-b_min_roc_auc", "passed": True}.items() <= next(

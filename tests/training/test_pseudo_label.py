@@ -112,6 +112,9 @@ def test_final_training_with_unlabeled_images_records_its_pseudo_labels(
     assert summary["pseudo_normal"] + summary["pseudo_pneumonia"] >= 1
     # Two rounds: the site images were ranked and pseudo-labeled twice.
     assert summary["rounds"] == 2
+    assert len(summary["per_round"]) == 2
+    assert {k: v for k, v in summary.items() if k not in ("rounds", "per_round")} == \
+        summary["per_round"][-1]  # the flat counts are the last round's
     assert capsys.readouterr().out.count("[pseudo-labels]") == 2
     # The saved model and its threshold are those of the model after the extra round.
     loaded = load_model_dir(tmp_path / "run" / "model")
