@@ -128,6 +128,9 @@ OPTIONS: dict[str, dict[str, Any]] = {
                    "config": {"train": {"pseudo_label": {"share": 0.8}}}},
     "pl-weight50": {"about": "pseudo-labelled images half of each round's epoch (not 25%)",
                     "config": {"train": {"pseudo_label": {"weight": 0.5}}}},
+    "pl-augment": {"about": "the round's batches through the training transforms (markers, "
+                             "gamma/blur/noise, mixup), not plain",
+                   "config": {"train": {"pseudo_label": {"augment": True}}}},
 }
 # What runs without --options: each option at its own size, plus input resolution.
 DEFAULT_OPTIONS = ("baseline", "full-profile", "baseline@96", "baseline@192", "baseline@224",
@@ -162,7 +165,10 @@ def resolve_option(name: str) -> dict[str, Any]:
 # Settings added to the config after rows were first cached, with the value they had in
 # effect before: left out of a row's cache key at that value, so that adding a setting (or
 # changing its default later) does not retrain every cached row.
-KEY_OMITS_AT = {("train", "ema_momentum"): 0.0,
+# A path names a nested setting; nested ones come first, so that their section then
+# compares like before.
+KEY_OMITS_AT = {("train", "pseudo_label", "augment"): False,
+                ("train", "ema_momentum"): 0.0,
                 ("train", "pseudo_label"): {"share": 0.5, "weight": 0.25, "epochs": 3,
                                             "rounds": 1},
                 ("train", "ensemble_size"): 1,
@@ -173,9 +179,12 @@ def _key_config(cfg: Any, unlabeled: str | None = None) -> dict[str, Any]:
     """``cfg`` as a dict for the cache key (see :data:`KEY_OMITS_AT`). Without unlabeled
     images (``unlabeled`` None) the pseudo-label settings do nothing and are left out."""
     dumped = cfg.model_dump()
-    for (section, key), value in KEY_OMITS_AT.items():
-        if dumped[section].get(key) == value:
-            dumped[section].pop(key, None)
+    for (*parents, key), value in KEY_OMITS_AT.items():
+        section = dumped
+        for name in parents:
+            section = section.get(name) or {}
+        if section.get(key) == value:
+            section.pop(key, None)
     if unlabeled is None:
         dumped["train"].pop("pseudo_label", None)
     return dumped

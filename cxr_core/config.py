@@ -195,6 +195,9 @@ class PseudoLabelConfig(_Section):
     # Two rounds: on the full recipe, external-development ROC-AUC 0.971-0.980 against
     # 0.970-0.977 with one, paired over 4 seeds (docs/benchmarks.md, 2026-12-03).
     rounds: int = Field(2, ge=1)
+    # The round's batches go through the main training's transforms as well (synthetic
+    # markers, gamma/blur/noise, mixup): without it the round trains on plain images.
+    augment: bool = False
 
 
 class TrainConfig(_Section):

@@ -120,6 +120,12 @@ def test_cross_fitting_halves_split_patients_and_alignment_keeps_decisions() -> 
     one_round = ExperimentConfig.model_validate({"train": {"pseudo_label": {"rounds": 1}}})
     two_rounds = ExperimentConfig.model_validate({"train": {"pseudo_label": {"rounds": 2}}})
     assert "pseudo_label" not in bench._key_config(one_round, "crossfit")["train"]
-    assert bench._key_config(two_rounds, "crossfit")["train"]["pseudo_label"]["rounds"] == 2
+    assert bench._key_config(two_rounds, "crossfit")["train"]["pseudo_label"] == {
+        "share": 0.5, "weight": 0.25, "epochs": 3, "rounds": 2}  # augment at its old value: out
     assert bench._key_config(one_round) == bench._key_config(two_rounds)
     assert "fixed" not in bench._key_config(cfg)["tune"]
+    # A nested setting at its old value leaves its section's key as it was.
+    augmented = ExperimentConfig.model_validate(
+        {"train": {"pseudo_label": {"rounds": 1, "augment": True}}})
+    assert bench._key_config(augmented, "crossfit")["train"]["pseudo_label"]["augment"] is True
+    assert "pseudo_label" not in bench._key_config(one_round, "crossfit")["train"]

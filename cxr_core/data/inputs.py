@@ -394,16 +394,24 @@ def make_datasets(balanced: Any, cfg: ExperimentConfig,
                                               cfg.balance.target_ratio)
     else:
         train = make_dataset(train_data, size, batch, shuffle=True, seed=cfg.seed)
-    aug = cfg.balance.augment
-    # Markers first: burned-in text goes through the same exposure, blur and noise.
-    train = paste_markers(train, aug.synthetic_marker_prob, size, cfg.seed)
-    if aug.random_gamma or aug.noise_std or aug.max_blur_sigma:
-        train = photometric(train, aug.gamma_range if aug.random_gamma else None,
-                            aug.noise_std, cfg.seed, max_blur_sigma=aug.max_blur_sigma)
-    if cfg.train.mixup_alpha:
-        train = mixup(train, cfg.train.mixup_alpha, cfg.seed)
+    train = augment_training_batches(train, cfg, cfg.seed)
     val = make_dataset(val_data, size, batch, shuffle=False, seed=cfg.seed)
     return Datasets(train, val, train_data, val_data, steps, balanced.class_weight)
+
+
+def augment_training_batches(dataset: Any, cfg: ExperimentConfig, seed: int) -> Any:
+    """``cfg``'s train-only transforms of a batched ``(images 0-255, labels)`` dataset:
+    synthetic markers, acquisition changes (gamma, blur, noise), then mixup. The geometric
+    augmentation lives in the model (``build_cnn``) and needs nothing here."""
+    size, aug = cfg.data.image_size, cfg.balance.augment
+    # Markers first: burned-in text goes through the same exposure, blur and noise.
+    dataset = paste_markers(dataset, aug.synthetic_marker_prob, size, seed)
+    if aug.random_gamma or aug.noise_std or aug.max_blur_sigma:
+        dataset = photometric(dataset, aug.gamma_range if aug.random_gamma else None,
+                              aug.noise_std, seed, max_blur_sigma=aug.max_blur_sigma)
+    if cfg.train.mixup_alpha:
+        dataset = mixup(dataset, cfg.train.mixup_alpha, seed)
+    return dataset
 
 
 def path_dataset(paths: list[str], image_size: int, batch_size: int) -> Any:

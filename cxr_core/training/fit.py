@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from cxr_core.config import AugmentConfig, ExperimentConfig
-from cxr_core.data.inputs import Datasets
+from cxr_core.data.inputs import Datasets, augment_training_batches
 from cxr_core.training.callbacks import monitor_mode, progress_callback, shifted_validation
 
 MODEL_FILE = "model.keras"
@@ -267,10 +268,15 @@ def train_best(best_hp: dict[str, Any], datasets: Datasets, cfg: ExperimentConfi
 
         pl = cfg.train.pseudo_label
         online = cfg.balance.strategy == "online"
+        # The round's own seed (as its shuffle's): its augmentation draws differ from the
+        # main training's.
+        transform = (partial(augment_training_batches, cfg=cfg, seed=cfg.seed + 1)
+                     if pl.augment else None)
         pseudo = PseudoLabelPlan(list(unlabeled_paths), datasets.train_data, pl.share, pl.weight,
                                  pl.epochs, cfg.data.image_size, cfg.train.batch_size, cfg.seed,
                                  rounds=pl.rounds,
-                                 resample_ratio=cfg.balance.target_ratio if online else None)
+                                 resample_ratio=cfg.balance.target_ratio if online else None,
+                                 transform=transform)
     shared = dict(
         image_size=cfg.data.image_size, epochs=cfg.train.epochs,
         patience=cfg.train.early_stopping_patience,

@@ -11,6 +11,7 @@ afterwards on the labeled validation split, as always; the unlabeled images neve
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,6 +90,9 @@ class PseudoLabelPlan:
     # The ``online`` balancing strategy's target ratio: the round then draws classes at it,
     # as the main training did (None: offline-balanced or class-weighted data, shuffled).
     resample_ratio: float | None = None
+    # The main training's train-only batch transforms (markers, acquisition changes, mixup),
+    # applied to the round's batches too (``train.pseudo_label.augment``); None: plain images.
+    transform: Callable[[Any], Any] | None = None
 
 
 def unlabeled_probabilities(model: Any, paths: list[str], image_size: int,
@@ -107,14 +111,18 @@ def unlabeled_probabilities(model: Any, paths: list[str], image_size: int,
 def round_dataset(plan: PseudoLabelPlan, mixed: SplitData) -> tuple[Any, int | None]:
     """The round's training data: ``mixed`` shuffled, or for ``online`` balancing drawn at the
     plan's class ratio (pseudo-labeled repeats stay in their class's pool, so they keep about
-    their share within it). Returns ``(dataset, steps_per_epoch or None)``."""
+    their share within it), through the plan's ``transform`` when it has one. Returns
+    ``(dataset, steps_per_epoch or None)``."""
     from cxr_core.data.inputs import make_dataset, make_resampled_dataset
 
+    steps = None
     if plan.resample_ratio is not None:
-        return make_resampled_dataset(mixed, plan.image_size, plan.batch_size, plan.seed + 1,
-                                      plan.resample_ratio)
-    return make_dataset(mixed, plan.image_size, plan.batch_size, shuffle=True,
-                        seed=plan.seed + 1), None
+        ds, steps = make_resampled_dataset(mixed, plan.image_size, plan.batch_size,
+                                           plan.seed + 1, plan.resample_ratio)
+    else:
+        ds = make_dataset(mixed, plan.image_size, plan.batch_size, shuffle=True,
+                          seed=plan.seed + 1)
+    return (plan.transform(ds) if plan.transform else ds), steps
 
 
 def pseudo_label_round(model: Any, plan: PseudoLabelPlan, threshold: float,

@@ -85,6 +85,34 @@ def test_the_round_draws_classes_at_the_online_ratio_and_otherwise_keeps_the_mix
     assert 0.3 <= drawn.mean() <= 0.7
 
 
+def test_the_round_goes_through_the_training_transforms_when_asked(tmp_path: Path) -> None:
+    from functools import partial
+
+    from cxr_core.config import ExperimentConfig
+    from cxr_core.data.inputs import augment_training_batches
+
+    paths = [str(write_image(tmp_path / f"img{i}.png", seed=i, size=8, fmt="PNG"))
+             for i in range(8)]
+    mixed = SplitData(paths, np.r_[np.zeros(4), np.ones(4)].astype(np.int32))
+    cfg = ExperimentConfig.model_validate({
+        "data": {"image_size": 16}, "train": {"mixup_alpha": 0.4},
+        "balance": {"augment": {"noise_std": 8.0}}})
+    transform = partial(augment_training_batches, cfg=cfg, seed=4)
+
+    def batches(t):
+        plan = PseudoLabelPlan([], mixed, 0.5, 0.25, 1, image_size=8, batch_size=8, seed=3,
+                               rounds=1, transform=t)
+        ds, _ = round_dataset(plan, mixed)
+        return [(x.numpy(), y.numpy()) for x, y in ds]
+
+    (x0, y0), = batches(None)
+    (x1, y1), = batches(transform)
+    assert set(np.unique(y0)) == {0.0, 1.0}  # plain: the hard labels
+    assert not np.isin(y1, [0.0, 1.0]).all()  # mixup blends labels
+    assert np.abs(x1 - x0).mean() > 0.5  # noise and blending change the pixels
+    assert ((0.0 <= y1) & (y1 <= 1.0)).all()
+
+
 @pytest.mark.slow
 def test_final_training_with_unlabeled_images_records_its_pseudo_labels(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -101,7 +129,8 @@ def test_final_training_with_unlabeled_images_records_its_pseudo_labels(
     assert unlabeled
     cfg = ExperimentConfig.model_validate(deep_merge(load_config(profile="quick").model_dump(), {
         "data": {"image_size": 32, "min_val_images": 0},
-        "train": {"epochs": 1, "batch_size": 16, "pseudo_label": {"epochs": 1, "rounds": 2}},
+        "train": {"epochs": 1, "batch_size": 16, "pseudo_label": {"epochs": 1, "rounds": 2,
+                                                                 "augment": True}},
         "balance": {"strategy": "class_weight"}}))
     scan = scan_and_split(data, cfg.data, cfg.seed)
     datasets = make_datasets(BalancedTrainSet(scan.manifest, None, None), cfg)
