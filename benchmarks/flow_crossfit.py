@@ -2,7 +2,8 @@
 on site images it never saw, cross-fitted over the site set's patient halves.
 
 The site set (e.g. the external development half) is split in two by patient, stratified by
-label (the same split as `benchmarks/external.py`). Each half becomes a folder of symbolic
+label, identical images kept on one side (the flow refuses unlabeled images identical to
+an external set's). Each half becomes a folder of symbolic
 links (the images are never copied). The flow runs twice, as `benchmarks/full_flow.py`
 runs it (fresh state home, `cxr run --profile PROFILE`): once given half 0 as unlabeled
 images with half 1 as its external set `held`, once the reverse. The held-out halves'
@@ -31,14 +32,44 @@ from _common import add_data_and_json_args, parse_with_data, write_results
 HERE = Path(__file__).resolve().parent
 
 
+def linked_groups(rows: Any) -> list[int]:
+    """A group per row such that rows sharing a patient id or identical bytes (sha256) share
+    a group: the flow refuses unlabeled images identical to an external set's, and the
+    external development half holds identical images under different patient ids."""
+    parent = list(range(len(rows)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for column in ("patient_id", "sha256"):
+        first: dict[str, int] = {}
+        for i, value in enumerate(rows[column].astype(str)):
+            j = first.setdefault(value, i)
+            parent[root(i)] = root(j)
+    return [root(i) for i in range(len(rows))]
+
+
+def site_halves(rows: Any) -> list[Any]:
+    """Two halves of ``rows`` by :func:`linked_groups`, stratified by label (fixed seed)."""
+    import numpy as np
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    folds = StratifiedGroupKFold(n_splits=2, shuffle=True, random_state=0)
+    return [rows.iloc[idx].reset_index(drop=True) for _, idx in
+            folds.split(np.zeros(len(rows)), rows["label"], linked_groups(rows))]
+
+
 def write_halves(site: Path, work: Path) -> list[Path]:
-    """The site set's two patient halves as folders of symbolic links (NORMAL/, PNEUMONIA/)
-    under ``work``; written once, reused after."""
-    from external import _external_rows, patient_halves
+    """The site set's two halves (:func:`site_halves`) as folders of symbolic links
+    (NORMAL/, PNEUMONIA/) under ``work``; written once, reused after."""
+    from external import _external_rows
 
     rows, _ = _external_rows(site, work)
     folders = []
-    for k, half in enumerate(patient_halves(rows)):
+    for k, half in enumerate(site_halves(rows)):
         folder = work / f"half{k}"
         if not folder.is_dir():
             for r in half.itertuples():

@@ -29,6 +29,10 @@ def _load_script():
 def test_halves_are_linked_folders_split_by_patient(tmp_path: Path) -> None:
     site = tmp_path / "site"
     synthesize_dataset(site, n_per_class=20, size=32, seed=1, split_fractions=(0.0, 0.0, 1.0))
+    # An identical copy under another patient's name: it must land beside its twin.
+    first = sorted((site / "test" / "NORMAL").glob("*.jpeg"))[0]
+    twin = first.with_name("twin-" + first.name)
+    twin.write_bytes(first.read_bytes())
     originals = {p.resolve() for p in site.rglob("*.jpeg")}
     bench = _load_script()
     sys.path.insert(0, str(BENCHMARKS))
@@ -49,6 +53,8 @@ def test_halves_are_linked_folders_split_by_patient(tmp_path: Path) -> None:
         assert scan["readable"].all()
     patients = [set(scan["patient_id"]) for scan in scans]
     assert all(len(p) > 1 for p in patients) and not patients[0] & patients[1]
+    assert not set(scans[0]["sha256"]) & set(scans[1]["sha256"])
+    assert sum(twin.resolve() in t or first.resolve() in t for t in targets) == 1
     # Each link keeps its label folder: the label is the original's.
     for half in links:
         for p in half:
