@@ -36,20 +36,19 @@ def linked_groups(rows: Any) -> list[int]:
     """A group per row such that rows sharing a patient id or identical bytes (sha256) share
     a group: the flow refuses unlabeled images identical to an external set's, and the
     external development half holds identical images under different patient ids."""
-    parent = list(range(len(rows)))
+    import numpy as np
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
 
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for column in ("patient_id", "sha256"):
-        first: dict[str, int] = {}
-        for i, value in enumerate(rows[column].astype(str)):
-            j = first.setdefault(value, i)
-            parent[root(i)] = root(j)
-    return [root(i) for i in range(len(rows))]
+    n = len(rows)
+    # One graph of rows and values (node n + a patient id's number, 2n + a digest's): rows
+    # that share a value are connected.
+    values = [k * n + rows.groupby(rows[c].astype(str), sort=False).ngroup().to_numpy()
+              for k, c in ((1, "patient_id"), (2, "sha256"))]
+    graph = coo_matrix((np.ones(2 * n), (np.tile(np.arange(n), 2), np.concatenate(values))),
+                       shape=(3 * n, 3 * n))
+    _, labels = connected_components(graph, directed=False)
+    return labels[:n].tolist()
 
 
 def site_halves(rows: Any) -> list[Any]:
@@ -93,8 +92,7 @@ def run_fold(k: int, unlabeled: Path, held: Path, args: argparse.Namespace) -> d
             cmd += ["--config", args.config]
         print(f"[crossfit] fold {k}: {' '.join(cmd)}", flush=True)
         subprocess.run(cmd, check=True)
-    doc = json.loads(figures.read_text())
-    return {"home": str(home), **(doc.get("full_flow") or doc)}
+    return {"home": str(home), **json.loads(figures.read_text())}
 
 
 def held_predictions(fold: dict[str, Any], held: Path) -> Any:
@@ -104,8 +102,7 @@ def held_predictions(fold: dict[str, Any], held: Path) -> Any:
     from cxr_core.lifecycle.predict import load_model
 
     home = Path(fold["home"])
-    uri = f"models:/cxr-pneumonia/{fold['model_version']}"
-    loaded = load_model(uri, f"sqlite:///{home / 'mlflow.db'}")
+    loaded = load_model(fold["model_uri"], f"sqlite:///{home / 'mlflow.db'}")
     rows, _ = _external_rows(held, home)
     return _aligned(_predict(loaded, rows), loaded.threshold)
 

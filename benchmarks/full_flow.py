@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         "data_dir": args.data_dir, "profile": args.profile, "exit_code": proc.returncode,
         "wall_seconds": round(wall, 1), "peak_rss_mb": round(peak_mb),
         "trials": flow.get("trials"), "stage_seconds": flow.get("stage_seconds"),
-        "model_version": flow.get("model_version"), "threshold": flow.get("threshold"),
+        "model_version": flow.get("model_version"), "model_uri": flow.get("model_uri"),
+        "threshold": flow.get("threshold"),
         "test_metrics": {k: round(v, 4) for k, v in (flow.get("test_metrics") or {}).items()
                          if isinstance(v, float)},
         # Worst value of each metric over the robustness report's acquisition shifts.

@@ -128,4 +128,3 @@ def test_cross_fitting_halves_split_patients_and_alignment_keeps_decisions() -> 
     augmented = ExperimentConfig.model_validate(
         {"train": {"pseudo_label": {"rounds": 1, "augment": True}}})
     assert bench._key_config(augmented, "crossfit")["train"]["pseudo_label"]["augment"] is True
-    assert "pseudo_label" not in bench._key_config(one_round, "crossfit")["train"]

@@ -100,7 +100,7 @@ def test_the_round_goes_through_the_training_transforms_when_asked(tmp_path: Pat
     transform = partial(augment_training_batches, cfg=cfg, seed=4)
 
     def batches(t):
-        plan = PseudoLabelPlan([], mixed, 0.5, 0.25, 1, image_size=8, batch_size=8, seed=3,
+        plan = PseudoLabelPlan([], mixed, 0.5, 0.25, 1, image_size=16, batch_size=8, seed=3,
                                rounds=1, transform=t)
         ds, _ = round_dataset(plan, mixed)
         return [(x.numpy(), y.numpy()) for x, y in ds]
