@@ -32,6 +32,7 @@ from cxr_core.training.callbacks import (
 )
 from cxr_core.training.oracle import DONE_FILE, serve_oracle, wait_for_oracle
 
+ORACLE_SEED_FOR_ZERO = 2**31 - 1
 ROLE_ENV = ("KERASTUNER_TUNER_ID", "KERASTUNER_ORACLE_IP", "KERASTUNER_ORACLE_PORT")
 
 
@@ -59,11 +60,21 @@ class _EpochHistoryMixin:
     the trial's directory (shared in distributed mode) so each trial can be logged in full.
     When the process was given live tracking (:class:`cxr_core.lifecycle.tracking.LiveTracking`
     in its environment, as every worker of a distributed search can be), each trial is also an
-    MLflow run from its first epoch to its last, with per-epoch metrics as they come."""
+    MLflow run from its first epoch to its last, with per-epoch metrics as they come.
+
+    Each trial seeds Keras' global random state from ``seed_base`` and its trial id
+    (:func:`trial_seed`) before its model is built: unseeded weight initialisers draw from
+    that state, so without this a trial's starting weights depended on whatever the process
+    had run before, and the same seed searched differently in two processes or workers."""
+
+    seed_base: int = 0
 
     def run_trial(self, trial: Any, *args: Any, **kwargs: Any) -> Any:
+        import keras
+
         from cxr_core.lifecycle.tracking import LiveTracking, live_run
 
+        keras.utils.set_random_seed(trial_seed(self.seed_base, trial.trial_id))
         live = LiveTracking.from_env()
         if live is None:
             return self._run_recorded_trial(trial, *args, **kwargs)
@@ -86,6 +97,14 @@ class _EpochHistoryMixin:
                            for ex in executions],
         }))
         return histories
+
+
+def trial_seed(seed: int, trial_id: str) -> int:
+    """The global seed of one trial: stable across processes (crc32, not the salted
+    ``hash``), different per trial, within Keras' range."""
+    import zlib
+
+    return zlib.crc32(f"{seed}:{trial_id}".encode()) % (2**31 - 1)
 
 
 class HyperbandTuner(_EpochHistoryMixin, kt.Hyperband):
@@ -149,7 +168,8 @@ def make_tuner(
     common = dict(
         hypermodel=hypermodel,
         objective=objective(objective_name),
-        seed=seed,
+        # Keras Tuner reads seed 0 as "no seed" and draws one at random: give it a stand-in.
+        seed=seed if seed else ORACLE_SEED_FOR_ZERO,
         directory=str(directory),
         project_name=project_name,
         overwrite=False,
@@ -173,6 +193,7 @@ def make_tuner(
         tuner = RandomTuner(max_trials=max_trials, **common)
     else:
         raise ConfigError(f"unknown tuner algorithm {algorithm!r}: hyperband, bayesian or random")
+    tuner.seed_base = seed
     return tuner
 
 
