@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from cxr_core.config import AugmentConfig, ExperimentConfig
-from cxr_core.data.inputs import Datasets, augment_training_batches
+from cxr_core.data.inputs import Datasets, SplitData, augment_training_batches
 from cxr_core.training.callbacks import monitor_mode, progress_callback, shifted_validation
 
 MODEL_FILE = "model.keras"
@@ -256,27 +256,34 @@ def load_threshold(model_dir: Path) -> ThresholdChoice:
     return ThresholdChoice(**json.loads((Path(model_dir) / THRESHOLD_FILE).read_text("utf-8")))
 
 
+def pseudo_label_plan(cfg: ExperimentConfig, train_data: SplitData,
+                      unlabeled_paths: list[str]) -> Any:
+    """The pseudo-label round of ``cfg.train.pseudo_label`` over ``unlabeled_paths``, mixed
+    with ``train_data`` (a
+    :class:`~cxr_core.training.pseudo_label.PseudoLabelPlan`); with ``augment`` its batches
+    go through the main training's transforms."""
+    from cxr_core.training.pseudo_label import PseudoLabelPlan
+
+    pl = cfg.train.pseudo_label
+    online = cfg.balance.strategy == "online"
+    # The round's own seed (as its shuffle's): its augmentation draws differ from the
+    # main training's.
+    transform = (partial(augment_training_batches, cfg=cfg, seed=cfg.seed + 1)
+                 if pl.augment else None)
+    return PseudoLabelPlan(list(unlabeled_paths), train_data, pl.share, pl.weight,
+                           pl.epochs, cfg.data.image_size, cfg.train.batch_size, cfg.seed,
+                           rounds=pl.rounds,
+                           resample_ratio=cfg.balance.target_ratio if online else None,
+                           transform=transform)
+
+
 def train_best(best_hp: dict[str, Any], datasets: Datasets, cfg: ExperimentConfig,
                work_dir: Path, verbose: int = 0, callbacks: list[Any] | None = None,
                unlabeled_paths: list[str] | None = None):
     """Final training of ``best_hp``; the model and threshold go to ``work_dir/model``.
     ``callbacks`` are added to the shared ones (e.g. a live MLflow epoch logger);
     ``unlabeled_paths``: site images for a pseudo-label round (``train.pseudo_label``)."""
-    pseudo = None
-    if unlabeled_paths:
-        from cxr_core.training.pseudo_label import PseudoLabelPlan
-
-        pl = cfg.train.pseudo_label
-        online = cfg.balance.strategy == "online"
-        # The round's own seed (as its shuffle's): its augmentation draws differ from the
-        # main training's.
-        transform = (partial(augment_training_batches, cfg=cfg, seed=cfg.seed + 1)
-                     if pl.augment else None)
-        pseudo = PseudoLabelPlan(list(unlabeled_paths), datasets.train_data, pl.share, pl.weight,
-                                 pl.epochs, cfg.data.image_size, cfg.train.batch_size, cfg.seed,
-                                 rounds=pl.rounds,
-                                 resample_ratio=cfg.balance.target_ratio if online else None,
-                                 transform=transform)
+    pseudo = pseudo_label_plan(cfg, datasets.train_data, unlabeled_paths) if unlabeled_paths else None
     shared = dict(
         image_size=cfg.data.image_size, epochs=cfg.train.epochs,
         patience=cfg.train.early_stopping_patience,

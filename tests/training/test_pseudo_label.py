@@ -86,18 +86,19 @@ def test_the_round_draws_classes_at_the_online_ratio_and_otherwise_keeps_the_mix
 
 
 def test_the_round_goes_through_the_training_transforms_when_asked(tmp_path: Path) -> None:
-    from functools import partial
-
     from cxr_core.config import ExperimentConfig
-    from cxr_core.data.inputs import augment_training_batches
+    from cxr_core.training.fit import pseudo_label_plan
 
     paths = [str(write_image(tmp_path / f"img{i}.png", seed=i, size=8, fmt="PNG"))
              for i in range(8)]
     mixed = SplitData(paths, np.r_[np.zeros(4), np.ones(4)].astype(np.int32))
-    cfg = ExperimentConfig.model_validate({
-        "data": {"image_size": 16}, "train": {"mixup_alpha": 0.4},
-        "balance": {"augment": {"noise_std": 8.0}}})
-    transform = partial(augment_training_batches, cfg=cfg, seed=4)
+    settings = {"data": {"image_size": 16}, "balance": {"augment": {"noise_std": 8.0}}}
+    cfg = ExperimentConfig.model_validate(
+        {**settings, "train": {"mixup_alpha": 0.4, "pseudo_label": {"augment": True}}})
+    # The plan the final training builds from the config (train_best's own wiring).
+    transform = pseudo_label_plan(cfg, mixed, paths).transform
+    plain = ExperimentConfig.model_validate({**settings, "train": {"mixup_alpha": 0.4}})
+    assert transform is not None and pseudo_label_plan(plain, mixed, paths).transform is None
 
     def batches(t):
         plan = PseudoLabelPlan([], mixed, 0.5, 0.25, 1, image_size=16, batch_size=8, seed=3,
