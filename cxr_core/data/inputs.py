@@ -140,6 +140,19 @@ def _decode_dicom(raw, name):
     return img
 
 
+def pin_global_seed(seed: int) -> None:
+    """Set TensorFlow's global seed to ``seed`` before a seeded shuffle or draw is built.
+
+    tf.data takes the global seed, as it stands when the dataset is created, as half of an
+    op's seed: the same ``seed=`` shuffled differently after a training in the same process
+    had set the global seed (a benchmark training several models in one process could not
+    reproduce a row). Pinning it makes the order depend on ``seed`` alone. Side effect: the
+    global seed stays set (the trainings set it again before they build a model)."""
+    import tensorflow as tf
+
+    tf.random.set_seed(seed)
+
+
 def make_dataset(data: SplitData, image_size: int, batch_size: int, shuffle: bool, seed: int,
                  cache: bool | str = True, parallel_calls: int | None = None):
     """Batched ``(float32 images 0-255 [B,S,S,1], float32 labels [B])`` dataset.
@@ -157,6 +170,7 @@ def make_dataset(data: SplitData, image_size: int, batch_size: int, shuffle: boo
     if cache:
         ds = ds.cache(cache if isinstance(cache, str) else "")
     if shuffle:
+        pin_global_seed(seed)
         ds = ds.shuffle(len(data), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size)
     ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=autotune,
@@ -175,6 +189,7 @@ def make_resampled_dataset(data: SplitData, image_size: int, batch_size: int, se
     import tensorflow as tf
 
     autotune = parallel_calls or tf.data.AUTOTUNE
+    pin_global_seed(seed)
     per_class = []
     for cls in (0, 1):
         idx = np.flatnonzero(data.labels == cls)

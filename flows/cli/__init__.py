@@ -46,8 +46,12 @@ def main() -> None:
     """Console-script entry point."""
     import os
 
-    # Quiet third-party chatter on a terminal; users can override any of these.
+    # Quiet third-party chatter on a terminal; users can override any of these. Prefect's
+    # temporary server (no PREFECT_API_URL) migrates a new database on its first start: on a
+    # busy 2-core machine that took longer than Prefect's 20 s default and `cxr run` failed
+    # before doing anything.
     for key, value in {"GX_ANALYTICS_ENABLED": "false", "TF_CPP_MIN_LOG_LEVEL": "2",
-                       "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}.items():
+                       "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+                       "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}.items():
         os.environ.setdefault(key, value)
     app()

@@ -290,3 +290,19 @@ def test_bad_external_sets_exit_2_before_anything_runs(tmp_path: Path, cli_env) 
     for args, name in cases:
         _expect_exit(args, cli_env, 2, name)
     assert not (tmp_path / "home" / "runs").exists()  # no run was started
+
+
+def test_the_cli_gives_prefects_temporary_server_time_to_start(monkeypatch) -> None:
+    """A first `cxr run` migrates a new Prefect database; Prefect's 20 s default was too
+    short on a busy 2-core machine. A user's own setting wins."""
+    import flows.cli as cli
+
+    key = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+    seen: list[str | None] = []
+    monkeypatch.setattr(cli, "app", lambda: seen.append(os.environ.get(key)))
+    monkeypatch.setenv(key, "")
+    monkeypatch.delenv(key)
+    cli.main()
+    monkeypatch.setenv(key, "45")
+    cli.main()
+    assert int(seen[0]) >= 120 and seen[1] == "45"
