@@ -156,6 +156,7 @@ def build_cnn(
     bn_momentum: float = 0.9,
     mask: str = "none", crop: tuple[float, float, float] = (0.0, 0.0, 0.0),
     optimizer_options: dict[str, Any] | None = None,
+    init_seed: int | None = None,
 ) -> Any:
     """A CNN built for accuracy per CPU-second: a stride-2 stem with pooling, conv blocks with
     batch norm (one or two convs, optionally separable and residual) that halve the
@@ -163,6 +164,7 @@ def build_cnn(
     cross-entropy (optionally label-smoothed) and the named metrics. ``mask`` and ``crop``
     are the shortcut mitigations (:func:`shortcut_mitigations`), applied before anything else.
     ``optimizer_options`` go to Adam beside the learning rate (e.g. weight averaging).
+    ``init_seed`` (default: ``seed``) seeds the weight initialisers (:func:`_initialisers`).
 
     ``bn_momentum`` is 0.9 rather than Keras' 0.99: with a few hundred steps per epoch the
     slower moving averages lag the weights, and validation metrics (computed with those
@@ -171,7 +173,7 @@ def build_cnn(
     from keras import layers
 
     policy = "mixed_bfloat16" if mixed_precision else "float32"
-    conv = layers.SeparableConv2D if separable else layers.Conv2D
+    init = _initialisers(seed if init_seed is None else init_seed)
 
     inputs = keras.Input((image_size, image_size, 1), name="image")
     x = shortcut_mitigations(inputs, image_size, mask, crop)
@@ -186,7 +188,8 @@ def build_cnn(
                          f"use one of {INTENSITY_NORMS}")
     # Stem: a stride-2 conv and a 2x2 pool leave 1/16 of the pixels for the blocks: on 2 CPU
     # cores that is the difference between ~250 and ~1,000 training images/s at 128 px.
-    x = layers.Conv2D(base_filters, 3, strides=2, padding="same", use_bias=False, dtype=policy)(x)
+    x = layers.Conv2D(base_filters, 3, strides=2, padding="same", use_bias=False,
+                      kernel_initializer=init(), dtype=policy)(x)
     x = layers.BatchNormalization(momentum=bn_momentum, dtype=policy)(x)
     x = layers.Activation("relu", dtype=policy)(x)
     x = layers.MaxPooling2D(2, padding="same", dtype=policy)(x)
@@ -194,29 +197,65 @@ def build_cnn(
         # Width doubles per block up to 4x the stem: past that, CPU time grows faster than
         # accuracy on 1-channel X-rays.
         filters = min(base_filters * 2 ** (i + 1), base_filters * 4)
-        shortcut = x
-        y = x
-        for j in range(convs_per_block):
-            y = conv(filters, 3, padding="same", use_bias=False, dtype=policy)(y)
-            y = layers.BatchNormalization(momentum=bn_momentum, dtype=policy)(y)
-            if j < convs_per_block - 1 or not residual:
-                y = layers.Activation("relu", dtype=policy)(y)
-        if residual:
-            shortcut = layers.Conv2D(filters, 1, use_bias=False, dtype=policy)(shortcut)
-            y = layers.Activation("relu", dtype=policy)(layers.Add(dtype=policy)([y, shortcut]))
+        y = _conv_block(x, filters, convs_per_block, separable, residual, bn_momentum, policy,
+                        init)
         # "same" padding: small inputs (tests, thumbnails) never pool below 1x1.
         x = layers.MaxPooling2D(2, padding="same", dtype=policy)(y)
     x = layers.GlobalAveragePooling2D(dtype=policy)(x)
     if dropout:
         x = layers.Dropout(dropout, seed=seed, dtype=policy)(x)
     if dense_units:
-        x = layers.Dense(dense_units, activation="relu", dtype=policy)(x)
+        x = layers.Dense(dense_units, activation="relu", kernel_initializer=init(),
+                         dtype=policy)(x)
         if dropout:
             x = layers.Dropout(dropout / 2, seed=seed + 1, dtype=policy)(x)
     # The output stays float32: a sigmoid in bfloat16 loses the resolution thresholds need.
-    outputs = layers.Dense(1, activation="sigmoid", dtype="float32", name="pneumonia")(x)
+    outputs = layers.Dense(1, activation="sigmoid", kernel_initializer=init(), dtype="float32",
+                           name="pneumonia")(x)
     return _compiled(keras.Model(inputs, outputs, name="cxr_cnn"), learning_rate,
                      label_smoothing, optimizer_options)
+
+
+def _conv_block(x: Any, filters: int, convs: int, separable: bool, residual: bool,
+                bn_momentum: float, policy: str, init: Any) -> Any:
+    """One block of ``build_cnn`` before its pooling: ``convs`` convolutions with batch norm
+    and ReLU, optionally separable, optionally with a 1x1-projected shortcut added before
+    the last ReLU. ``init`` makes each layer's initialiser (:func:`_initialisers`)."""
+    from keras import layers
+
+    y = x
+    for j in range(convs):
+        if separable:
+            y = layers.SeparableConv2D(filters, 3, padding="same", use_bias=False,
+                                       depthwise_initializer=init(), pointwise_initializer=init(),
+                                       dtype=policy)(y)
+        else:
+            y = layers.Conv2D(filters, 3, padding="same", use_bias=False,
+                              kernel_initializer=init(), dtype=policy)(y)
+        y = layers.BatchNormalization(momentum=bn_momentum, dtype=policy)(y)
+        if j < convs - 1 or not residual:
+            y = layers.Activation("relu", dtype=policy)(y)
+    if residual:
+        shortcut = layers.Conv2D(filters, 1, use_bias=False, kernel_initializer=init(),
+                                 dtype=policy)(x)
+        y = layers.Activation("relu", dtype=policy)(layers.Add(dtype=policy)([y, shortcut]))
+    return y
+
+
+def _initialisers(seed: int) -> Any:
+    """A factory of Glorot-uniform initialisers (Keras' default for these layers), each with
+    its own seed drawn from a generator of ``seed``.
+
+    An unseeded Keras initialiser draws its seed from Python's global ``random``, which every
+    thread of the process shares; Prefect's and MLflow's background services draw from it
+    too (jitter), so a draw between seeding and building changed a trial's starting weights
+    and the same seed searched differently in another process (docs/benchmarks.md)."""
+    import random
+
+    import keras
+
+    draws = random.Random(seed)
+    return lambda: keras.initializers.GlorotUniform(seed=draws.randrange(2**31 - 1))
 
 
 def _compiled(model: Any, learning_rate: float, label_smoothing: float,
@@ -231,7 +270,10 @@ def _compiled(model: Any, learning_rate: float, label_smoothing: float,
 
 
 class CxrHyperModel(kt.HyperModel):
-    """The search space of the CNN family; ``build`` only maps hyperparameters to build_cnn."""
+    """The search space of the CNN family; ``build`` only maps hyperparameters to build_cnn.
+    ``init_seed`` seeds the weight initialisers (None: ``seed``); the tuner sets it per trial."""
+
+    init_seed: int | None = None
 
     def __init__(self, image_size: int, augment: AugmentConfig | None = None,
                  mixed_precision: bool = False, seed: int = 0, intensity_norm: str = "none",
@@ -268,6 +310,7 @@ class CxrHyperModel(kt.HyperModel):
             label_smoothing=self.label_smoothing,
             mask=self.mask,
             crop=self.crop,
+            init_seed=self.init_seed,
         )
 
 

@@ -65,7 +65,9 @@ class _EpochHistoryMixin:
     Each trial seeds Keras' global random state from ``seed_base`` and its trial id
     (:func:`trial_seed`) before its model is built: unseeded weight initialisers draw from
     that state, so without this a trial's starting weights depended on whatever the process
-    had run before, and the same seed searched differently in two processes or workers."""
+    had run before, and the same seed searched differently in two processes or workers.
+    The hypermodel's ``init_seed`` gets the same seed: the initialisers then take their seeds
+    from it, not from Python's global ``random``, which other threads draw from too."""
 
     seed_base: int = 0
 
@@ -74,7 +76,10 @@ class _EpochHistoryMixin:
 
         from cxr_core.lifecycle.tracking import LiveTracking, live_run
 
-        keras.utils.set_random_seed(trial_seed(self.seed_base, trial.trial_id))
+        seed = trial_seed(self.seed_base, trial.trial_id)
+        keras.utils.set_random_seed(seed)
+        if hasattr(self.hypermodel, "init_seed"):  # type: ignore[attr-defined]
+            self.hypermodel.init_seed = seed  # type: ignore[attr-defined]
         live = LiveTracking.from_env()
         if live is None:
             return self._run_recorded_trial(trial, *args, **kwargs)

@@ -63,3 +63,48 @@ def test_label_smoothing_and_unknown_normalization() -> None:
     assert model.loss.get_config()["label_smoothing"] == pytest.approx(0.1)
     with pytest.raises(ValueError, match="unknown intensity normalization"):
         build_cnn(32, intensity_norm="clahe")
+
+
+def _weights(model) -> list[np.ndarray]:
+    return [w.numpy() for w in model.weights]
+
+
+def test_starting_weights_ignore_draws_from_pythons_shared_random_state() -> None:
+    """Keras seeds an unseeded initialiser from Python's global ``random``, which every thread
+    shares (Prefect's and MLflow's background services draw from it for jitter): a draw by
+    another thread between seeding and building changed a trial's starting weights, so the
+    same seed trained differently in another process. The initialisers take their seeds
+    from ``seed`` alone."""
+    import random
+    import threading
+
+    import keras
+
+    from cxr_core.training.model import CxrHyperModel, build_cnn
+
+    kwargs = dict(blocks=2, base_filters=4, dense_units=8, residual=True, seed=7)
+    keras.utils.set_random_seed(7)
+    a = build_cnn(16, **kwargs)
+    keras.utils.set_random_seed(7)
+    t = threading.Thread(target=random.random)  # another thread's jitter
+    t.start(), t.join()
+    b = build_cnn(16, **kwargs)
+    for x, y in zip(_weights(a), _weights(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+    # Another seed starts elsewhere; so does a trial given its own initialiser seed.
+    c = build_cnn(16, **{**kwargs, "seed": 8})
+    assert not np.array_equal(_weights(a)[0], _weights(c)[0])
+    hm = CxrHyperModel(16, seed=7)
+    first = _weights(hm.build(keras_tuner_hp()))
+    hm.init_seed = 1234
+    assert not np.array_equal(first[0], _weights(hm.build(keras_tuner_hp()))[0])
+    hm.init_seed = 1234
+    random.random()
+    assert np.array_equal(_weights(hm.build(keras_tuner_hp()))[0],
+                          _weights(hm.build(keras_tuner_hp()))[0])
+
+
+def keras_tuner_hp():
+    import keras_tuner as kt
+
+    return kt.HyperParameters()
