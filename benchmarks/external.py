@@ -103,6 +103,10 @@ OPTIONS: dict[str, dict[str, Any]] = {
                      "config": {"train": {"mask_annotations": "corners"}}},
     "mask-borders": {"about": "top corners and side strips filled with the image mean",
                      "config": {"train": {"mask_annotations": "borders"}}},
+    "inpaint-borders": {"about": "top corners and side strips inpainted from the pixels "
+                                 "around them (normalized convolution), in the model",
+                        "config": {"train": {"mask_annotations": "borders",
+                                             "mask_fill": "inpaint"}}},
     "lung-crop": {"about": "crop keeping the lung fields: 8% top, 20% bottom, 5% sides cut",
                   "config": {"train": {"lung_crop": {"top": 0.08, "bottom": 0.2, "sides": 0.05}}}},
     "marker-augment": {"about": "synthetic markers and text pasted onto both classes (p 0.5)",
@@ -172,6 +176,7 @@ KEY_OMITS_AT = {("train", "pseudo_label", "augment"): False,
                 ("train", "pseudo_label"): {"share": 0.5, "weight": 0.25, "epochs": 3,
                                             "rounds": 1},
                 ("train", "ensemble_size"): 1,
+                ("train", "mask_fill"): "mean",
                 ("tune", "fixed"): {}}
 
 

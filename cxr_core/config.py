@@ -219,6 +219,9 @@ class TrainConfig(_Section):
     # (corners: top 15% rows x outer 20% columns; borders: also the outer 10% columns
     # below them) with the image's mean, and a crop that keeps the lung fields.
     mask_annotations: Literal["none", "corners", "borders"] = "none"
+    # How the masked regions are filled: a flat mean, or inpainted (each masked pixel from
+    # the nearby unmasked ones, a smooth continuation without the flat patch's edges).
+    mask_fill: Literal["mean", "inpaint"] = "mean"
     lung_crop: LungCropConfig = LungCropConfig()
     # Weight averaging in the final training: an exponential moving average of the weights
     # (this momentum per step; 0 = off) replaces them at the end of every epoch, so

@@ -299,7 +299,8 @@ def shortcut_summary(cfg: Any, manifest: pd.DataFrame) -> dict[str, Any]:
     from cxr_core.evaluation.shortcuts import score_aucs
 
     crop = cfg.train.lung_crop
-    used = [f"annotation mask `{cfg.train.mask_annotations}`"] if cfg.train.mask_annotations != "none" else []
+    mask = cfg.train.mask_annotations
+    used = [f"annotation mask `{mask}` ({cfg.train.mask_fill} fill)"] if mask != "none" else []
     if any(crop.as_tuple()):
         used.append(f"lung crop (top {crop.top}, bottom {crop.bottom}, sides {crop.sides})")
     if cfg.balance.augment.synthetic_marker_prob:

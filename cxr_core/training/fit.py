@@ -108,6 +108,7 @@ def train_final(
     calibrate: bool = False,
     tta: bool = False,
     mask: str = "none", crop: tuple[float, float, float] = (0.0, 0.0, 0.0),
+    mask_fill: str = "mean",
     pseudo: Any | None = None,
     ema_momentum: float = 0.0,
 ) -> TrainedModel:
@@ -115,8 +116,8 @@ def train_final(
     objective; best weights restored), choose the threshold on validation, save model and
     threshold. ``callbacks`` run before early stopping (they may add the monitored metric).
     ``calibrate`` and ``tta`` shape the saved model (:func:`final_model`); the threshold is
-    chosen on that model's output, the one that will be served. ``mask`` and ``crop`` are
-    the shortcut mitigations built into the model (``build_cnn``). ``pseudo`` (a
+    chosen on that model's output, the one that will be served. ``mask``, ``mask_fill`` and
+    ``crop`` are the shortcut mitigations built into the model (``build_cnn``). ``pseudo`` (a
     :class:`~cxr_core.training.pseudo_label.PseudoLabelPlan`) adds a round of training on
     pseudo-labeled site images after early stopping (:func:`pseudo_label_round`).
     ``ema_momentum`` > 0 averages the weights (:func:`_ema_options`).
@@ -132,7 +133,7 @@ def train_final(
             "dense_units", "learning_rate")
     model = build_cnn(image_size, augment=augment, mixed_precision=mixed_precision, seed=seed,
                       intensity_norm=intensity_norm, label_smoothing=label_smoothing,
-                      mask=mask, crop=crop,
+                      mask=mask, crop=crop, mask_fill=mask_fill,
                       optimizer_options=_ema_options(ema_momentum, train_ds, steps_per_epoch),
                       **{k: hyperparameters[k] for k in keys if k in hyperparameters})
     fit_kwargs: dict[str, Any] = dict(validation_data=val_ds, epochs=epochs,
@@ -292,7 +293,8 @@ def train_best(best_hp: dict[str, Any], datasets: Datasets, cfg: ExperimentConfi
         steps_per_epoch=datasets.steps_per_epoch, class_weight=datasets.class_weight,
         verbose=verbose, intensity_norm=cfg.train.intensity_norm,
         label_smoothing=cfg.train.label_smoothing, monitor=cfg.tune.objective,
-        mask=cfg.train.mask_annotations, crop=cfg.train.lung_crop.as_tuple(), pseudo=pseudo,
+        mask=cfg.train.mask_annotations, crop=cfg.train.lung_crop.as_tuple(),
+        mask_fill=cfg.train.mask_fill, pseudo=pseudo,
         ema_momentum=cfg.train.ema_momentum)
     shift = shifted_validation(datasets, cfg.seed)  # adds val_shift_* that may be monitored
     extra = [shift, *(callbacks or [])]

@@ -92,6 +92,52 @@ def mask_annotations(x: Any, image_size: int, mode: str) -> Any:
     return layers.Add(name="annotation_masked")([masked, mean])
 
 
+# Window radii of the inpainting, as shares of the image side: a near one, so pixels at a
+# region's edge continue their neighbours, and a far one that reaches a kept pixel from
+# anywhere inside the widest region (20% of the side, CORNER_REGIONS).
+INPAINT_RADII = (0.03, 0.21)
+
+
+def _box_mean(x: Any, size: int, name: str) -> Any:
+    """A stride-1 box mean of side ``size`` as two 1-D poolings (the same sum in 2k, not k²,
+    operations per pixel); the same call on the keep map gives the denominator."""
+    from keras import layers
+
+    x = layers.AveragePooling2D((size, 1), strides=1, padding="same", name=f"{name}_rows")(x)
+    return layers.AveragePooling2D((1, size), strides=1, padding="same", name=f"{name}_cols")(x)
+
+
+def inpaint_annotations(x: Any, image_size: int, mode: str) -> Any:
+    """Fill the annotation regions from the pixels around them, in training and at inference:
+    normalized convolution, ``box(x * keep) / box(keep)``, with a near window where it finds
+    kept pixels and a far one elsewhere, so a masked pixel takes the mean of the nearest
+    unmasked ones instead of a flat patch with edges a model can see. Built-in layers only;
+    the denominators are constants computed once, at build time, with the same poolings."""
+    import keras
+    import numpy as np
+    from keras import layers
+
+    keep = annotation_keep_map(image_size, mode)
+    keep_batch = keras.ops.convert_to_tensor(keep[None])
+    kept = layers.Rescaling(keep, name="annotation_keep")(x)
+    fill_left = 1.0 - keep  # where no window has filled a pixel yet
+    parts = [kept]
+    for i, share in enumerate(INPAINT_RADII):
+        size = 2 * int(np.ceil(share * image_size)) + 1
+        probe = layers.AveragePooling2D((size, 1), strides=1, padding="same")(keep_batch)
+        support = keras.ops.convert_to_numpy(
+            layers.AveragePooling2D((1, size), strides=1, padding="same")(probe))[0]
+        last = i == len(INPAINT_RADII) - 1
+        if last and (fill_left * (support <= 0)).any():
+            raise ValueError(f"inpainting window too small for mask {mode!r} at {image_size} px")
+        use = fill_left * (support > 0)
+        fill_left = fill_left - use
+        weight = np.where(use > 0, use / np.maximum(support, 1e-12), 0.0).astype(np.float32)
+        near = _box_mean(kept, size, f"annotation_inpaint{i}")
+        parts.append(layers.Rescaling(weight, name=f"annotation_inpaint{i}_fill")(near))
+    return layers.Add(name="annotation_masked")(parts)
+
+
 def crop_lung_fields(x: Any, image_size: int, crop: tuple[float, float, float]) -> Any:
     """Cut ``crop`` = (top, bottom, sides) shares of the image off its edges and resize back
     to ``image_size``: what lies below the lungs (abdomen) and beside them (arms, side
@@ -106,12 +152,20 @@ def crop_lung_fields(x: Any, image_size: int, crop: tuple[float, float, float]) 
                            name="lung_crop_resize")(x)
 
 
+MASK_FILLS = get_args(TrainConfig.model_fields["mask_fill"].annotation)
+
+
 def shortcut_mitigations(x: Any, image_size: int, mask: str = "none",
-                         crop: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> Any:
+                         crop: tuple[float, float, float] = (0.0, 0.0, 0.0),
+                         mask_fill: str = "mean") -> Any:
     """The configured mitigations, first thing in the model: the mask (in the image's own
-    frame, where the audit measured the annotations), then the crop."""
+    frame, where the audit measured the annotations; ``mask_fill`` "mean" or "inpaint"),
+    then the crop."""
+    if mask_fill not in MASK_FILLS:
+        raise ValueError(f"unknown mask fill {mask_fill!r}; use one of {MASK_FILLS}")
     if mask != "none":
-        x = mask_annotations(x, image_size, mask)
+        fill = inpaint_annotations if mask_fill == "inpaint" else mask_annotations
+        x = fill(x, image_size, mask)
     if any(crop):
         x = crop_lung_fields(x, image_size, crop)
     return x
@@ -155,14 +209,15 @@ def build_cnn(
     label_smoothing: float = 0.0,
     bn_momentum: float = 0.9,
     mask: str = "none", crop: tuple[float, float, float] = (0.0, 0.0, 0.0),
+    mask_fill: str = "mean",
     optimizer_options: dict[str, Any] | None = None,
     init_seed: int | None = None,
 ) -> Any:
     """A CNN built for accuracy per CPU-second: a stride-2 stem with pooling, conv blocks with
     batch norm (one or two convs, optionally separable and residual) that halve the
     resolution, global pooling, dropout and a small dense head. Compiled with binary
-    cross-entropy (optionally label-smoothed) and the named metrics. ``mask`` and ``crop``
-    are the shortcut mitigations (:func:`shortcut_mitigations`), applied before anything else.
+    cross-entropy (optionally label-smoothed) and the named metrics. ``mask``, ``mask_fill``
+    and ``crop`` are the shortcut mitigations (:func:`shortcut_mitigations`), applied before anything else.
     ``optimizer_options`` go to Adam beside the learning rate (e.g. weight averaging).
     ``init_seed`` (default: ``seed``) seeds the weight initialisers (:func:`_initialisers`).
 
@@ -176,7 +231,7 @@ def build_cnn(
     init = _initialisers(seed if init_seed is None else init_seed)
 
     inputs = keras.Input((image_size, image_size, 1), name="image")
-    x = shortcut_mitigations(inputs, image_size, mask, crop)
+    x = shortcut_mitigations(inputs, image_size, mask, crop, mask_fill)
     for layer in augmentation_layers(augment, seed) if augment else []:
         x = layer(x)
     if intensity_norm == "standardize":
@@ -278,7 +333,8 @@ class CxrHyperModel(kt.HyperModel):
     def __init__(self, image_size: int, augment: AugmentConfig | None = None,
                  mixed_precision: bool = False, seed: int = 0, intensity_norm: str = "none",
                  label_smoothing: float = 0.0, mask: str = "none",
-                 crop: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> None:
+                 crop: tuple[float, float, float] = (0.0, 0.0, 0.0),
+                 mask_fill: str = "mean") -> None:
         super().__init__(name="cxr_cnn", tunable=True)
         self.image_size = image_size
         self.augment = augment
@@ -287,6 +343,7 @@ class CxrHyperModel(kt.HyperModel):
         self.intensity_norm = intensity_norm
         self.label_smoothing = label_smoothing
         self.mask = mask
+        self.mask_fill = mask_fill
         self.crop = tuple(crop)
 
     def build(self, hp: kt.HyperParameters) -> Any:
@@ -309,6 +366,7 @@ class CxrHyperModel(kt.HyperModel):
             intensity_norm=self.intensity_norm,
             label_smoothing=self.label_smoothing,
             mask=self.mask,
+            mask_fill=self.mask_fill,
             crop=self.crop,
             init_seed=self.init_seed,
         )

@@ -282,7 +282,8 @@ def hypermodel_for(cfg: ExperimentConfig) -> Any:
                          mixed_precision=cfg.train.mixed_precision, seed=cfg.seed,
                          intensity_norm=cfg.train.intensity_norm,
                          label_smoothing=cfg.train.label_smoothing,
-                         mask=cfg.train.mask_annotations, crop=cfg.train.lung_crop.as_tuple())
+                         mask=cfg.train.mask_annotations, crop=cfg.train.lung_crop.as_tuple(),
+                         mask_fill=cfg.train.mask_fill)
 
 
 def tuner_for(cfg: ExperimentConfig, work_dir: Path, distribution_strategy: Any | None = None) -> kt.Tuner:

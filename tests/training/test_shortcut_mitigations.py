@@ -51,6 +51,45 @@ def test_the_mask_fills_its_regions_with_the_mean_of_the_rest(mode: str) -> None
     assert (out.max() < 200) == (mode == "borders")    # borders leave no marker at all
 
 
+def _boundary_jump(img: np.ndarray, keep: np.ndarray) -> float:
+    """Mean absolute step between horizontally or vertically adjacent pixels where one is
+    masked and the other kept: the edge a flat fill leaves."""
+    steps = []
+    for axis in (0, 1):
+        a, b = np.moveaxis(img, axis, 0), np.moveaxis(keep, axis, 0)
+        edge = b[1:] != b[:-1]
+        steps.append(np.abs(a[1:] - a[:-1])[edge])
+    return float(np.concatenate(steps).mean())
+
+
+@pytest.mark.parametrize("mode", ["corners", "borders"])
+def test_inpainting_removes_the_markers_and_continues_the_surroundings(mode: str) -> None:
+    from cxr_core.training.model import annotation_keep_map, build_cnn
+
+    # A smooth image (a ramp across, like the exposure falling off to a side) with markers.
+    ramp = np.linspace(30.0, 220.0, SIZE, dtype=np.float32)
+    x = np.broadcast_to(ramp[None, None, :, None], (2, SIZE, SIZE, 1)).copy()
+    x[1] = x[1].transpose(1, 0, 2)                       # and a ramp downwards
+    clean = x.copy()
+    keep = annotation_keep_map(SIZE, mode)[..., 0].astype(bool)
+    x[:, ~keep] = 255.0                                      # markers where this mode masks
+    outs = {}
+    for fill in ("mean", "inpaint"):
+        model = build_cnn(SIZE, blocks=2, base_filters=4, dense_units=0, mask=mode, mask_fill=fill)
+        outs[fill] = _stage(model, "annotation_masked").predict(x, verbose=0)[..., 0]
+    out = outs["inpaint"]
+    np.testing.assert_allclose(out[:, keep], x[:, keep, 0], atol=1e-3)   # the lungs untouched
+    assert (out[:, ~keep] < 250).all()                       # no marker left inside
+    for i in range(2):
+        inpainted, flat = (_boundary_jump(outs[f][i], keep) for f in ("inpaint", "mean"))
+        assert inpainted < 0.5 * flat, (inpainted, flat)    # no visible patch edge
+        # Closer to the clean image than the flat fill, where it was masked.
+        err = {f: np.abs(outs[f][i] - clean[i, ..., 0])[~keep].mean() for f in outs}
+        assert err["inpaint"] < 0.6 * err["mean"], err
+    with pytest.raises(ValueError, match="unknown mask fill"):
+        build_cnn(SIZE, mask=mode, mask_fill="blur")
+
+
 def test_the_lung_crop_cuts_the_abdomen_and_resizes_back() -> None:
     from cxr_core.training.model import build_cnn
 
@@ -75,7 +114,9 @@ def _write_pngs(folder: Path, images: np.ndarray) -> list[str]:
     return paths
 
 
-def test_saved_model_carries_the_mitigations_and_predict_matches_memory(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fill", ["mean", "inpaint"])
+def test_saved_model_carries_the_mitigations_and_predict_matches_memory(
+        tmp_path: Path, fill: str) -> None:
     from typer.testing import CliRunner
 
     from cxr_core.data.inputs import load_images
@@ -86,7 +127,8 @@ def test_saved_model_carries_the_mitigations_and_predict_matches_memory(tmp_path
     from support.images import spread_outputs
 
     model = build_cnn(SIZE, blocks=2, base_filters=4, dense_units=0, mask="borders",
-                      crop=(0.0, 0.15, 0.05), intensity_norm="standardize", seed=2)
+                      mask_fill=fill, crop=(0.0, 0.15, 0.05), intensity_norm="standardize",
+                      seed=2)
     paths = _write_pngs(tmp_path / "images", _texted(6, seed=3))
     images = load_images(paths, SIZE)  # decoded as training decodes them
     spread_outputs(model, images)
