@@ -40,21 +40,24 @@ class ServerProcess:
 
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM the whole group (the MLflow server forks workers), then SIGKILL."""
-        stop_group(self.process.pid, timeout)
+        stop_group(self.process.pid, timeout, self.process)
         try:
             self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             pass
 
 
-def stop_group(pid: int, timeout: float = 15.0) -> None:
-    """Stop process group ``pid`` (SIGTERM, then SIGKILL after ``timeout``)."""
+def stop_group(pid: int, timeout: float = 15.0,
+               process: subprocess.Popen | None = None) -> None:
+    """Stop process group ``pid`` (SIGTERM, then SIGKILL after ``timeout``). ``process``: the
+    leader's Popen where this process started it (it is polled, so its exit code is kept)."""
     try:
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
         return
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        _reap(pid, process)
         try:
             os.killpg(pid, 0)
         except ProcessLookupError:
@@ -63,6 +66,19 @@ def stop_group(pid: int, timeout: float = 15.0) -> None:
     try:
         os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:
+        pass
+
+
+def _reap(pid: int, process: subprocess.Popen | None) -> None:
+    """Wait for the group's leader if it is this process's child: until then it stays a
+    zombie, its group still answers ``killpg(pid, 0)``, and a stop would wait its whole
+    timeout for a server that exited at once."""
+    if process is not None:
+        process.poll()
+        return
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:  # not our child: its parent (or init) reaps it
         pass
 
 
@@ -110,7 +126,7 @@ def start_mlflow_server(backend_store_uri: str, artifacts_destination: str, log_
     try:
         wait_healthy(f"{url}/health", proc, timeout, log_path)
     except BaseException:
-        stop_group(proc.pid)
+        stop_group(proc.pid, process=proc)
         raise
     return ServerProcess("mlflow", proc, url, log_path)
 
@@ -132,6 +148,6 @@ def start_model_server(model_uri: str, log_path: Path, host: str = "127.0.0.1",
     try:
         wait_healthy(f"{url}/ping", proc, timeout, log_path)
     except BaseException:
-        stop_group(proc.pid)
+        stop_group(proc.pid, process=proc)
         raise
     return ServerProcess("model-server", proc, url, log_path)

@@ -267,7 +267,7 @@ def distributed_tune(run_dir: Path, cfg: ExperimentConfig, n_workers: int, fan: 
         _watch_workers(runs, run_dir, chief, fan)
     finally:
         if chief.poll() is None:
-            stop_group(chief.pid)
+            stop_group(chief.pid, process=chief)
         log.close()
     if chief.returncode != 0:
         tail = (Path(run_dir) / "tuner-chief.log").read_text(errors="replace")[-2000:]

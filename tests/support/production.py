@@ -50,7 +50,7 @@ def _spawn(prod: Production, stack: ExitStack, name: str, cmd: list[str],
            env: dict[str, str], health: str, timeout: float = 150) -> None:
     proc = spawn_detached(name, cmd, prod.tmp / f"{name}.log", env)
     prod.pids[name] = proc.pid
-    stack.callback(stop_group, proc.pid)
+    stack.callback(stop_group, proc.pid, process=proc)
     wait_healthy(health, proc, timeout, prod.tmp / f"{name}.log")
 
 
