@@ -243,15 +243,23 @@ def _set_alias(client: Any, name: str, alias: str, version: str, attempts: int =
 
 
 def _point_challenger(client: Any, name: str, version: str) -> None:
-    """Give ``version`` the challenger alias unless a newer version already holds it
-    (two registrations at once: the newest one stays the challenger)."""
-    current = alias_version(client, name, CHALLENGER)
-    if current is not None and int(current.version) > int(version):
-        return
-    _set_alias(client, name, CHALLENGER, version)
-    current = alias_version(client, name, CHALLENGER)
-    if current is not None and int(current.version) < int(version):
-        _set_alias(client, name, CHALLENGER, version)  # an older writer landed last
+    """Give the challenger alias to the newest version that passed its gates, ours or a
+    newer one (two registrations at once: the newest stays the challenger whichever writes
+    last). Checked again after writing: a registration that finished between our read and
+    our write had created its version before, so the second look finds it."""
+    for _ in range(3):
+        target = max(int(version), _newest_blessed(client, name))
+        current = alias_version(client, name, CHALLENGER)
+        if current is not None and int(current.version) >= target:
+            return
+        _set_alias(client, name, CHALLENGER, str(target))
+
+
+def _newest_blessed(client: Any, name: str) -> int:
+    """The highest version number of ``name`` whose gates passed (0 when none)."""
+    versions = client.search_model_versions(f"name='{name}'")
+    return max((int(mv.version) for mv in versions
+                if (mv.tags or {}).get(GATE_TAG) == "true"), default=0)
 
 
 def alias_version(client: Any, name: str, alias: str) -> Any | None:

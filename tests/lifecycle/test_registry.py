@@ -159,6 +159,39 @@ def test_two_processes_register_at_once(server, client, exp_id, model_dir, model
     assert client.get_model_version_by_alias(model_name, CHALLENGER).version in (2, "2")
 
 
+class _LateWriter:
+    """A client through which an older registration writes its alias late: the newer
+    registration runs to its end between the older one's first read and its write."""
+
+    def __init__(self, client, newer) -> None:
+        self._client, self._newer, self._raced = client, newer, False
+
+    def __getattr__(self, attr):
+        return getattr(self._client, attr)
+
+    def get_model_version_by_alias(self, name, alias):
+        answer = self._client.get_model_version_by_alias(name, alias)
+        if not self._raced:
+            self._raced = True
+            self._newer()
+        return answer
+
+
+def test_the_newest_registration_keeps_the_challenger_when_an_older_one_writes_last(
+        client, registrar, model_name) -> None:
+    from cxr_core.lifecycle.registry import _point_challenger
+
+    preds = registrar.predictions(registrar.hashes(0, 20))
+    _, v1 = registrar.candidate(model_name, preds, with_model=False)
+    _, v2 = registrar.candidate(model_name, preds, with_model=False)
+    _, v3 = registrar.candidate(model_name, preds, with_model=False)
+    client.set_registered_model_alias(model_name, CHALLENGER, v1)  # before either finished
+    late = _LateWriter(client, lambda: _point_challenger(client, model_name, v3))
+    _point_challenger(late, model_name, v2)
+    assert late._raced
+    assert client.get_model_version_by_alias(model_name, CHALLENGER).version in (3, "3")
+
+
 def test_predict_by_champion_alias_skips_bad_files(server, client, registrar, model_name,
                                                    image_size, tmp_path) -> None:
     import mlflow.artifacts
