@@ -98,13 +98,16 @@ def mask_annotations(x: Any, image_size: int, mode: str) -> Any:
 INPAINT_RADII = (0.03, 0.21)
 
 
-def _box_mean(x: Any, size: int, name: str) -> Any:
+def _box_mean(x: Any, size: int, name: str | None = None) -> Any:
     """A stride-1 box mean of side ``size`` as two 1-D poolings (the same sum in 2k, not k²,
     operations per pixel); the same call on the keep map gives the denominator."""
     from keras import layers
 
-    x = layers.AveragePooling2D((size, 1), strides=1, padding="same", name=f"{name}_rows")(x)
-    return layers.AveragePooling2D((1, size), strides=1, padding="same", name=f"{name}_cols")(x)
+    rows = layers.AveragePooling2D((size, 1), strides=1, padding="same",
+                                   name=f"{name}_rows" if name else None)
+    cols = layers.AveragePooling2D((1, size), strides=1, padding="same",
+                                   name=f"{name}_cols" if name else None)
+    return cols(rows(x))
 
 
 def inpaint_annotations(x: Any, image_size: int, mode: str) -> Any:
@@ -118,23 +121,20 @@ def inpaint_annotations(x: Any, image_size: int, mode: str) -> Any:
     from keras import layers
 
     keep = annotation_keep_map(image_size, mode)
-    keep_batch = keras.ops.convert_to_tensor(keep[None])
     kept = layers.Rescaling(keep, name="annotation_keep")(x)
     fill_left = 1.0 - keep  # where no window has filled a pixel yet
     parts = [kept]
     for i, share in enumerate(INPAINT_RADII):
         size = 2 * int(np.ceil(share * image_size)) + 1
-        probe = layers.AveragePooling2D((size, 1), strides=1, padding="same")(keep_batch)
-        support = keras.ops.convert_to_numpy(
-            layers.AveragePooling2D((1, size), strides=1, padding="same")(probe))[0]
-        last = i == len(INPAINT_RADII) - 1
-        if last and (fill_left * (support <= 0)).any():
-            raise ValueError(f"inpainting window too small for mask {mode!r} at {image_size} px")
+        support = keras.ops.convert_to_numpy(_box_mean(keras.ops.convert_to_tensor(keep[None]),
+                                                       size))[0]
         use = fill_left * (support > 0)
         fill_left = fill_left - use
         weight = np.where(use > 0, use / np.maximum(support, 1e-12), 0.0).astype(np.float32)
         near = _box_mean(kept, size, f"annotation_inpaint{i}")
         parts.append(layers.Rescaling(weight, name=f"annotation_inpaint{i}_fill")(near))
+    if fill_left.any():
+        raise ValueError(f"inpainting window too small for mask {mode!r} at {image_size} px")
     return layers.Add(name="annotation_masked")(parts)
 
 

@@ -84,7 +84,7 @@ def test_card_has_a_shortcut_audit_flagging_scores_above_the_warning_level() -> 
     section = card.split("## Shortcut audit", 1)[1].split("\n## ", 1)[0]
     assert "| annotation_top_px | train | 1.000 | PNEUMONIA | **above 0.75** |" in section
     assert "| abdomen_fraction | train | 0.500 | neither | |" in section
-    assert "annotation mask `borders`" in section and "bottom 0.15" in section
+    assert "annotation mask `borders` (mean fill)" in section and "bottom 0.15" in section
     assert "No shortcut scores were audited" in _card(1).split("## Shortcut audit", 1)[1]
 
 
