@@ -10,11 +10,20 @@ images with half 1 as its external set `held`, once the reverse. The held-out ha
 predictions (the registered models, as `cxr predict` scores) are pooled, each aligned to
 its own model's threshold, and scored with patient-bootstrap intervals.
 
+With ``--calibration`` each held half is split in two again (the same way): the flow is
+also given one part as its site-calibration sample (``--calibration``) and scores the other
+as its external set, so the site threshold it stores is measured on images it never saw.
+The benchmark then swaps the parts (the registered model's scores on the scored part
+choose the threshold, with the flow's rule, for the calibration part), and the four parts,
+each aligned to its own site threshold, are pooled and scored beside the model-threshold
+figures: what a site gets from `cxr run --unlabeled A --calibration B` on images in neither.
+
 Runs whose result already exists under ``--work`` are not run again, so an interrupted
 benchmark resumes.
 
 Usage: python benchmarks/flow_crossfit.py [DATA_DIR] --site DIR --work DIR [--seed N]
-           [--config FILE] [--profile full] [--json FILE]     (DATA_DIR: $CXR_REAL_DATA)
+           [--config FILE] [--profile full] [--calibration] [--json FILE]
+           (DATA_DIR: $CXR_REAL_DATA)
 """
 
 from __future__ import annotations
@@ -61,33 +70,49 @@ def site_halves(rows: Any) -> list[Any]:
             folds.split(np.zeros(len(rows)), rows["label"], linked_groups(rows))]
 
 
-def write_halves(site: Path, work: Path) -> list[Path]:
-    """The site set's two halves (:func:`site_halves`) as folders of symbolic links
-    (NORMAL/, PNEUMONIA/) under ``work``; written once, reused after."""
+def write_links(rows: Any, folder: Path) -> Path:
+    """``rows`` as a folder of symbolic links (NORMAL/, PNEUMONIA/); written once, reused."""
+    if not folder.is_dir():
+        for r in rows.itertuples():
+            link = folder / r.label / Path(r.path).name
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(Path(r.path).resolve())
+    return folder
+
+
+def write_halves(site: Path, work: Path) -> tuple[list[Path], list[list[Path]]]:
+    """The site set's two halves (:func:`site_halves`) and each half's two parts (the same
+    split again) as folders of symbolic links under ``work``: ([half 0, half 1],
+    [[half 0 part 0, half 0 part 1], [half 1 part 0, half 1 part 1]])."""
     from external import _external_rows
 
     rows, _ = _external_rows(site, work)
-    folders = []
+    halves, parts = [], []
     for k, half in enumerate(site_halves(rows)):
-        folder = work / f"half{k}"
-        if not folder.is_dir():
-            for r in half.itertuples():
-                link = folder / r.label / Path(r.path).name
-                link.parent.mkdir(parents=True, exist_ok=True)
-                link.symlink_to(Path(r.path).resolve())
-        folders.append(folder)
-    return folders
+        halves.append(write_links(half, work / f"half{k}"))
+        parts.append([write_links(part, work / f"half{k}-part{j}")
+                      for j, part in enumerate(site_halves(half))])
+    return halves, parts
 
 
-def run_fold(k: int, unlabeled: Path, held: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """One flow run (skipped when its figures exist): unlabeled = one half, held = the other."""
-    home = Path(args.work) / f"seed{args.seed}" / f"fold{k}"
+def run_dir(args: argparse.Namespace) -> Path:
+    """The folder of this seed's runs (apart for ``--calibration``: other flow arguments)."""
+    return Path(args.work) / f"seed{args.seed}{'-calibration' if args.calibration else ''}"
+
+
+def run_fold(k: int, unlabeled: Path, held: Path, args: argparse.Namespace,
+             calibration: Path | None = None) -> dict[str, Any]:
+    """One flow run (skipped when its figures exist): unlabeled = one half, held = the other
+    (or, with ``calibration``, the other's part that is not the calibration sample)."""
+    home = run_dir(args) / f"fold{k}"
     figures = home / "full_flow.json"
     if not figures.is_file():
         cmd = [sys.executable, str(HERE / "full_flow.py"), args.data_dir,
                "--profile", args.profile, "--seed", str(args.seed), "--home", str(home),
                "--unlabeled", str(unlabeled), "--external", f"held={held}",
                "--json", str(figures)]
+        if calibration is not None:
+            cmd += ["--calibration", str(calibration)]
         if args.config:
             cmd += ["--config", args.config]
         print(f"[crossfit] fold {k}: {' '.join(cmd)}", flush=True)
@@ -95,16 +120,45 @@ def run_fold(k: int, unlabeled: Path, held: Path, args: argparse.Namespace) -> d
     return {"home": str(home), **json.loads(figures.read_text())}
 
 
-def held_predictions(fold: dict[str, Any], held: Path) -> Any:
-    """The fold's registered model's predictions on its held half, aligned to its threshold."""
-    from external import _aligned, _external_rows, _predict
+def held_predictions(fold: dict[str, Any], held: Path) -> tuple[Any, float]:
+    """The fold's registered model's predictions (as `cxr predict` computes them) on the
+    images under ``held``, and the model's threshold."""
+    from external import _external_rows, _predict
 
     from cxr_core.lifecycle.predict import load_model
 
     home = Path(fold["home"])
     loaded = load_model(fold["model_uri"], f"sqlite:///{home / 'mlflow.db'}")
     rows, _ = _external_rows(held, home)
-    return _aligned(_predict(loaded, rows), loaded.threshold)
+    return _predict(loaded, rows), loaded.threshold
+
+
+def site_calibrated_parts(fold: dict[str, Any], preds: Any, parts: list[Path],
+                          recall_target: float) -> tuple[list[Any], dict[str, Any]]:
+    """The fold's held half scored at site thresholds: part 1 at the threshold the flow
+    chose on part 0 (its ``--calibration`` sample), part 0 at the one the same rule chooses
+    on part 1's labels (the swap), each aligned to its threshold; with the thresholds, and
+    the flow's choice recomputed from ``preds`` as a check."""
+    from external import _aligned
+
+    from cxr_core.training.fit import choose_threshold
+
+    def key(path: Path) -> str:  # label folder and file name: the same in half and part
+        return f"{path.parent.name}/{path.name}"
+
+    def part(j: int) -> Any:
+        keys = {key(p) for p in parts[j].glob("*/*")}
+        return preds[preds["path"].map(lambda s: key(Path(s)) in keys)]
+
+    flow_t = float(fold["site_threshold"]["threshold"])
+    again = choose_threshold(part(0)["label"].to_numpy(), part(0)["probability"].to_numpy(),
+                             recall_target).threshold
+    swapped = choose_threshold(part(1)["label"].to_numpy(), part(1)["probability"].to_numpy(),
+                               recall_target).threshold
+    info = {"flow_site_threshold": flow_t, "recomputed_site_threshold": round(again, 6),
+            "swapped_site_threshold": round(swapped, 6),
+            "calibration_images": [len(part(0)), len(part(1))]}
+    return [_aligned(part(1), flow_t), _aligned(part(0), swapped)], info
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,25 +170,41 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="an experiment config file to pass on")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--n-bootstrap", type=int, default=1000)
+    parser.add_argument("--calibration", action="store_true",
+                        help="also give each flow half of the held half as its site-"
+                             "calibration sample and score the site thresholds")
+    parser.add_argument("--recall-target", type=float, default=0.97,
+                        help="the site threshold's recall target (the flow's gate setting)")
     args = parse_with_data(parser, argv)
 
     import pandas as pd
-    from external import _score
+    from external import _aligned, _score
 
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     args.work = str(work)
-    halves = write_halves(Path(args.site), work)
-    folds = [run_fold(k, halves[k], halves[1 - k], args) for k in (0, 1)]
-    pooled = pd.concat([held_predictions(f, halves[1 - k]) for k, f in enumerate(folds)],
-                       ignore_index=True).sort_values("path")
-    out = work / f"seed{args.seed}" / "held_predictions.csv"
+    halves, parts = write_halves(Path(args.site), work)
+    folds = [run_fold(k, halves[k], parts[1 - k][1] if args.calibration else halves[1 - k],
+                      args, parts[1 - k][0] if args.calibration else None) for k in (0, 1)]
+    held = [held_predictions(f, halves[1 - k]) for k, f in enumerate(folds)]
+    pooled = pd.concat([_aligned(p, t) for p, t in held], ignore_index=True).sort_values("path")
+    out = run_dir(args) / "held_predictions.csv"
     pooled.to_csv(out, index=False)
+    site: dict[str, Any] = {}
+    if args.calibration:
+        calibrated = [site_calibrated_parts(f, held[k][0], parts[1 - k], args.recall_target)
+                      for k, f in enumerate(folds)]
+        site_pooled = pd.concat([p for ps, _ in calibrated for p in ps], ignore_index=True)
+        site = {"pooled_held_site_threshold": _score(site_pooled, 0.5, args.n_bootstrap,
+                                                     args.recall_target),
+                "site_thresholds": [info for _, info in calibrated]}
     figures = {
         "site": str(Path(args.site).resolve()), "seed": args.seed, "config": args.config,
-        "pooled_held": _score(pooled, 0.5, args.n_bootstrap, 0.97),
+        "pooled_held": _score(pooled, 0.5, args.n_bootstrap, args.recall_target),
+        **site,
         "folds": [{key: f.get(key) for key in ("wall_seconds", "peak_rss_mb", "trials",
-                                               "model_version", "threshold", "test_metrics",
+                                               "model_version", "threshold", "site_threshold",
+                                               "test_metrics",
                                                "robust_worst", "external_metrics",
                                                "best_hyperparameters")} for f in folds],
         "predictions": str(out),

@@ -7,11 +7,12 @@ is reused. Peak RSS is the largest resident set of the flow process (and any chi
 waited for).
 
 Usage: python benchmarks/full_flow.py [DATA_DIR] [--profile full] [--config FILE]
-           [--seed N] [--external NAME=DIR ...] [--unlabeled DIR]
+           [--seed N] [--external NAME=DIR ...] [--unlabeled DIR] [--calibration DIR]
            [--json benchmarks/results/full_flow.json]    (DATA_DIR defaults to $CXR_REAL_DATA)
 
-``--external`` and ``--unlabeled`` are passed on to ``cxr run``; the external sets' metrics
-(scored at the model's threshold, never used to choose anything) are printed with the rest.
+``--external``, ``--unlabeled`` and ``--calibration`` are passed on to ``cxr run``; the
+external sets' metrics (scored at the model's threshold, never used to choose anything) and
+the site threshold chosen on the calibration sample are printed with the rest.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--external", action="append", default=[], metavar="NAME=DIR",
                         help="an external validation set to score (repeatable)")
     parser.add_argument("--unlabeled", help="unlabeled site images for pseudo-labels")
+    parser.add_argument("--calibration", help="a labelled site sample for the site threshold")
     parser.add_argument("--seed", type=int,
                         help="the experiment seed, set over --config's (default: the config's)")
     args = parse_with_data(parser, argv)
@@ -73,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         cmd += ["--external", spec]
     if args.unlabeled:
         cmd += ["--unlabeled", args.unlabeled]
+    if args.calibration:
+        cmd += ["--calibration", args.calibration]
     env = {**os.environ, "CXR_HOME": str(home)}
     env.pop("CXR_TRACKING_URI", None)  # the fresh home's own sqlite store
     t0 = time.perf_counter()
@@ -87,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         "trials": flow.get("trials"), "stage_seconds": flow.get("stage_seconds"),
         "model_version": flow.get("model_version"), "model_uri": flow.get("model_uri"),
         "threshold": flow.get("threshold"),
+        "site_threshold": flow.get("site_threshold"),
         "test_metrics": {k: round(v, 4) for k, v in (flow.get("test_metrics") or {}).items()
                          if isinstance(v, float)},
         # Worst value of each metric over the robustness report's acquisition shifts.

@@ -233,6 +233,15 @@ class TrainConfig(_Section):
     # Used only when a run is given unlabeled site images (--unlabeled DIR).
     pseudo_label: PseudoLabelConfig = PseudoLabelConfig()
 
+    @model_validator(mode="after")
+    def _fill_has_a_mask(self) -> TrainConfig:
+        # Inpainting without a mask would be silently unused: the run would train a model
+        # other than the one the config asks for.
+        if self.mask_fill != "mean" and self.mask_annotations == "none":
+            raise ValueError(f"train.mask_fill: {self.mask_fill} fills the annotation regions, "
+                             "but train.mask_annotations is none (set corners or borders)")
+        return self
+
 
 class ExternalGateConfig(_Section):
     """Minimums one external set must reach at the model's threshold (each optional)."""

@@ -37,11 +37,11 @@ def test_halves_are_linked_folders_split_by_patient(tmp_path: Path) -> None:
     bench = _load_script()
     sys.path.insert(0, str(BENCHMARKS))
     try:
-        halves = bench.write_halves(site, tmp_path / "work")
+        halves, parts = bench.write_halves(site, tmp_path / "work")
         again = bench.write_halves(site, tmp_path / "work")  # written once, reused
     finally:
         sys.path.remove(str(BENCHMARKS))
-    assert halves == again and len(halves) == 2
+    assert (halves, parts) == again and len(halves) == 2
 
     scans = [scan_dataset(h).manifest for h in halves]  # a layout the scanner accepts
     links = [sorted(h.rglob("*.jpeg")) for h in halves]
@@ -59,3 +59,54 @@ def test_halves_are_linked_folders_split_by_patient(tmp_path: Path) -> None:
     for half in links:
         for p in half:
             assert p.parent.name == p.resolve().parent.name
+
+    # Each half's two parts (a calibration sample and its scored images) split it again
+    # by patient, both classes in each, nothing shared.
+    for half, (a, b) in zip(halves, parts):
+        in_half = {p.resolve() for p in half.rglob("*.jpeg")}
+        in_parts = [{p.resolve() for p in part.rglob("*.jpeg")} for part in (a, b)]
+        assert not in_parts[0] & in_parts[1] and in_parts[0] | in_parts[1] == in_half
+        part_scans = [scan_dataset(part).manifest for part in (a, b)]
+        assert all(set(s["label"]) == {"NORMAL", "PNEUMONIA"} for s in part_scans)
+        assert not set(part_scans[0]["patient_id"]) & set(part_scans[1]["patient_id"])
+
+
+def test_site_thresholds_come_from_the_flow_and_the_swapped_part(tmp_path: Path) -> None:
+    import numpy as np
+    import pandas as pd
+
+    bench = _load_script()
+    parts = [tmp_path / "half1-part0", tmp_path / "half1-part1"]
+    rows = []
+    rng = np.random.default_rng(0)
+    for j, part in enumerate(parts):
+        for label in ("NORMAL", "PNEUMONIA"):
+            (part / label).mkdir(parents=True)
+            for i in range(10):
+                name = f"p{j}-{label}-{i}.jpeg"
+                (part / label / name).write_bytes(b"")
+                # Part 1 scores higher overall: its own threshold must differ from part 0's.
+                prob = rng.uniform(0.4, 1.0) if label == "PNEUMONIA" else rng.uniform(0.0, 0.6)
+                rows.append({"path": f"/site/half1/{label}/{name}", "patient_id": name,
+                             "label": int(label == "PNEUMONIA"),
+                             "probability": min(prob + 0.3 * j, 1.0)})
+    preds = pd.DataFrame(rows)
+    fold = {"site_threshold": {"threshold": 0.55}}
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        scored, info = bench.site_calibrated_parts(fold, preds, parts, 0.9)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    assert info["calibration_images"] == [20, 20]
+    assert info["flow_site_threshold"] == 0.55
+    # The swap's threshold meets the recall target on part 1's own positives.
+    part1 = preds[preds["path"].str.contains("/p1-")]
+    t = info["swapped_site_threshold"]
+    positives = part1[part1["label"] == 1]["probability"]
+    assert (positives >= t).mean() >= 0.9 and t != info["recomputed_site_threshold"]
+    # Part 1 is scored at the flow's threshold and part 0 at the swapped one (each aligned
+    # so that its threshold lands on 0.5).
+    first, second = scored
+    assert set(first["path"]) == set(part1["path"]) and len(second) == 20
+    decided = first.merge(part1, on="path", suffixes=("", "_raw"))
+    assert ((decided["probability"] >= 0.5) == (decided["probability_raw"] >= 0.55)).all()

@@ -53,6 +53,8 @@ def test_user_file_overrides_profile_and_adds_profiles(tmp_path: Path) -> None:
         ("tune:\n  fixed:\n    blocks: 2.5\n", "blocks: 2.5 must be an integer"),
         ("tune:\n  fixed:\n    blocks: true\n", "blocks: True must be an integer"),
         ("tune:\n  fixed:\n    dropout: 1.5\n", r"dropout: 1.5 must lie in \[0.0, 0.9\]"),
+        # a fill with nothing to fill is refused, not silently unused
+        ("train:\n  mask_fill: inpaint\n", "mask_annotations is none"),
     ],
 )
 def test_bad_config_names_file_and_field(tmp_path: Path, text: str, match: str) -> None:
