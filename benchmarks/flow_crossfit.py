@@ -22,7 +22,8 @@ Runs whose result already exists under ``--work`` are not run again, so an inter
 benchmark resumes.
 
 Usage: python benchmarks/flow_crossfit.py [DATA_DIR] --site DIR --work DIR [--seed N]
-           [--config FILE] [--profile full] [--calibration] [--json FILE]
+           [--config FILE] [--profile full] [--calibration] [--folds 0,1]
+           [--json FILE]
            (DATA_DIR: $CXR_REAL_DATA)
 """
 
@@ -173,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibration", action="store_true",
                         help="also give each flow half of the held half as its site-"
                              "calibration sample and score the site thresholds")
+    parser.add_argument("--folds", default="0,1",
+                        help="the folds to run and pool (0: unlabeled half 0, scores half 1); "
+                             "one fold scores one half only")
     parser.add_argument("--recall-target", type=float, default=0.97,
                         help="the site threshold's recall target (the flow's gate setting)")
     args = parse_with_data(parser, argv)
@@ -184,29 +188,30 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     args.work = str(work)
     halves, parts = write_halves(Path(args.site), work)
+    ks = sorted({int(k) for k in args.folds.split(",")})
     folds = [run_fold(k, halves[k], parts[1 - k][1] if args.calibration else halves[1 - k],
-                      args, parts[1 - k][0] if args.calibration else None) for k in (0, 1)]
-    held = [held_predictions(f, halves[1 - k]) for k, f in enumerate(folds)]
+                      args, parts[1 - k][0] if args.calibration else None) for k in ks]
+    held = [held_predictions(f, halves[1 - k]) for k, f in zip(ks, folds)]
     pooled = pd.concat([_aligned(p, t) for p, t in held], ignore_index=True).sort_values("path")
     out = run_dir(args) / "held_predictions.csv"
     pooled.to_csv(out, index=False)
     site: dict[str, Any] = {}
     if args.calibration:
         calibrated = [site_calibrated_parts(f, held[k][0], parts[1 - k], args.recall_target)
-                      for k, f in enumerate(folds)]
+                      for k, f in zip(ks, folds)]
         site_pooled = pd.concat([p for ps, _ in calibrated for p in ps], ignore_index=True)
         site = {"pooled_held_site_threshold": _score(site_pooled, 0.5, args.n_bootstrap,
                                                      args.recall_target),
                 "site_thresholds": [info for _, info in calibrated]}
     figures = {
         "site": str(Path(args.site).resolve()), "seed": args.seed, "config": args.config,
+        "folds_pooled": ks,
         "pooled_held": _score(pooled, 0.5, args.n_bootstrap, args.recall_target),
         **site,
-        "folds": [{key: f.get(key) for key in ("wall_seconds", "peak_rss_mb", "trials",
-                                               "model_version", "threshold", "site_threshold",
-                                               "test_metrics",
-                                               "robust_worst", "external_metrics",
-                                               "best_hyperparameters")} for f in folds],
+        "folds": [{"fold": k, **{key: f.get(key) for key in (
+            "wall_seconds", "peak_rss_mb", "trials", "model_version", "threshold",
+            "site_threshold", "test_metrics", "robust_worst", "external_metrics",
+            "best_hyperparameters")}} for k, f in zip(ks, folds)],
         "predictions": str(out),
     }
     print(json.dumps(figures, indent=2, default=str))
