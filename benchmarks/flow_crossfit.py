@@ -134,8 +134,17 @@ def held_predictions(fold: dict[str, Any], held: Path) -> tuple[Any, float]:
     return _predict(loaded, rows), loaded.threshold
 
 
+def recall_target(fold: dict[str, Any]) -> float:
+    """The recall target the fold's flow chose its thresholds for (its run's resolved
+    config: the ``full`` profile's is 0.98, not the shipped default's 0.97)."""
+    import yaml
+
+    (config,) = Path(fold["home"]).glob("runs/*/config.yaml")
+    return float(yaml.safe_load(config.read_text())["gates"]["recall_target_for_threshold"])
+
+
 def site_calibrated_parts(fold: dict[str, Any], preds: Any, parts: list[Path],
-                          recall_target: float) -> tuple[list[Any], dict[str, Any]]:
+                          target: float) -> tuple[list[Any], dict[str, Any]]:
     """The fold's held half scored at site thresholds: part 1 at the threshold the flow
     chose on part 0 (its ``--calibration`` sample), part 0 at the one the same rule chooses
     on part 1's labels (the swap), each aligned to its threshold; with the thresholds, and
@@ -153,9 +162,9 @@ def site_calibrated_parts(fold: dict[str, Any], preds: Any, parts: list[Path],
 
     flow_t = float(fold["site_threshold"]["threshold"])
     again = choose_threshold(part(0)["label"].to_numpy(), part(0)["probability"].to_numpy(),
-                             recall_target).threshold
+                             target).threshold
     swapped = choose_threshold(part(1)["label"].to_numpy(), part(1)["probability"].to_numpy(),
-                               recall_target).threshold
+                               target).threshold
     info = {"flow_site_threshold": flow_t, "recomputed_site_threshold": round(again, 6),
             "swapped_site_threshold": round(swapped, 6),
             "calibration_images": [len(part(0)), len(part(1))]}
@@ -177,8 +186,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--folds", default="0,1",
                         help="the folds to run and pool (0: unlabeled half 0, scores half 1); "
                              "one fold scores one half only")
-    parser.add_argument("--recall-target", type=float, default=0.97,
-                        help="the site threshold's recall target (the flow's gate setting)")
     args = parse_with_data(parser, argv)
 
     import pandas as pd
@@ -192,21 +199,23 @@ def main(argv: list[str] | None = None) -> int:
     folds = [run_fold(k, halves[k], parts[1 - k][1] if args.calibration else halves[1 - k],
                       args, parts[1 - k][0] if args.calibration else None) for k in ks]
     held = [held_predictions(f, halves[1 - k]) for k, f in zip(ks, folds)]
+    (target,) = {recall_target(f) for f in folds}
     pooled = pd.concat([_aligned(p, t) for p, t in held], ignore_index=True).sort_values("path")
     out = run_dir(args) / "held_predictions.csv"
     pooled.to_csv(out, index=False)
     site: dict[str, Any] = {}
     if args.calibration:
-        calibrated = [site_calibrated_parts(f, held[k][0], parts[1 - k], args.recall_target)
+        calibrated = [site_calibrated_parts(f, held[k][0], parts[1 - k], target)
                       for k, f in zip(ks, folds)]
         site_pooled = pd.concat([p for ps, _ in calibrated for p in ps], ignore_index=True)
         site = {"pooled_held_site_threshold": _score(site_pooled, 0.5, args.n_bootstrap,
-                                                     args.recall_target),
+                                                     target),
                 "site_thresholds": [info for _, info in calibrated]}
     figures = {
         "site": str(Path(args.site).resolve()), "seed": args.seed, "config": args.config,
         "folds_pooled": ks,
-        "pooled_held": _score(pooled, 0.5, args.n_bootstrap, args.recall_target),
+        "recall_target": target,
+        "pooled_held": _score(pooled, 0.5, args.n_bootstrap, target),
         **site,
         "folds": [{"fold": k, **{key: f.get(key) for key in (
             "wall_seconds", "peak_rss_mb", "trials", "model_version", "threshold",
