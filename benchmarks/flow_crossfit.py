@@ -205,8 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     pooled.to_csv(out, index=False)
     site: dict[str, Any] = {}
     if args.calibration:
-        calibrated = [site_calibrated_parts(f, held[k][0], parts[1 - k], target)
-                      for k, f in zip(ks, folds)]
+        calibrated = [site_calibrated_parts(f, preds, parts[1 - k], target)
+                      for k, f, (preds, _) in zip(ks, folds, held)]
         site_pooled = pd.concat([p for ps, _ in calibrated for p in ps], ignore_index=True)
         site = {"pooled_held_site_threshold": _score(site_pooled, 0.5, args.n_bootstrap,
                                                      target),
