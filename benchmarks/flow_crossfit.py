@@ -201,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     held = [held_predictions(f, halves[1 - k]) for k, f in zip(ks, folds)]
     (target,) = {recall_target(f) for f in folds}
     pooled = pd.concat([_aligned(p, t) for p, t in held], ignore_index=True).sort_values("path")
-    out = run_dir(args) / "held_predictions.csv"
+    # Named by the folds pooled, so a one-fold run never overwrites the two-fold file.
+    out = run_dir(args) / f"held_predictions-folds{'-'.join(map(str, ks))}.csv"
     pooled.to_csv(out, index=False)
     site: dict[str, Any] = {}
     if args.calibration:
