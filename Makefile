@@ -25,12 +25,17 @@ demo-dicom: install
 
 # The whole suite, slow and integration tests included (what CI runs). Real-data and PostgreSQL
 # tests run when CXR_REAL_DATA / CXR_TEST_POSTGRES_URL are set and skip otherwise.
+# Test files run in parallel, each whole on one worker (its module fixtures built once):
+# one worker per core, at most 4 (TEST_WORKERS=0 runs them in one process).
+TEST_WORKERS ?= auto
 test: install
-	GX_ANALYTICS_ENABLED=false $(PY) -m pytest $(PYTEST_ARGS)
+	GX_ANALYTICS_ENABLED=false $(PY) -m pytest -n $(TEST_WORKERS) --maxprocesses 4 \
+	  --dist loadfile $(PYTEST_ARGS)
 
 # The quick loop while developing: no slow tests, no real servers.
 test-fast: install
-	GX_ANALYTICS_ENABLED=false $(PY) -m pytest -m "not slow and not integration" $(PYTEST_ARGS)
+	GX_ANALYTICS_ENABLED=false $(PY) -m pytest -n $(TEST_WORKERS) --maxprocesses 4 \
+	  --dist loadfile -m "not slow and not integration" $(PYTEST_ARGS)
 
 # Benchmarks on the real images (set CXR_REAL_DATA); each prints its figures.
 bench: install

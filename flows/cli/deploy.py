@@ -51,15 +51,20 @@ def deploy_cmd(
     api = os.environ.get("PREFECT_API_URL") or settings.prefect_api_url
     if not api:
         fail("no Prefect server: run `cxr stack up` or set CXR_PREFECT_API_URL", EXIT_BAD_INPUT)
-    os.environ["PREFECT_API_URL"] = api
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     from flows.drift import AUTOMATION_NAME, ensure_drift_automation
 
+    # The server for this command only: a settings context, not os.environ, which a process
+    # that already built Prefect's settings (a test run, an embedding app) would not re-read.
     try:
-        ensure_work_pool(cpu_pool, "process")
-        ensure_work_pool(gpu_pool, gpu_pool_type)
-        ids = deploy_all(specs)
-        retrain_id = next(i for spec, i in zip(specs, ids) if spec.full_name.startswith("retrain/"))
-        ensure_drift_automation(retrain_id, enabled=retrain_on_drift)
+        with temporary_settings({PREFECT_API_URL: api}):
+            ensure_work_pool(cpu_pool, "process")
+            ensure_work_pool(gpu_pool, gpu_pool_type)
+            ids = deploy_all(specs)
+            retrain_id = next(i for spec, i in zip(specs, ids)
+                              if spec.full_name.startswith("retrain/"))
+            ensure_drift_automation(retrain_id, enabled=retrain_on_drift)
     except Exception as exc:
         if not is_transient(exc):
             raise
