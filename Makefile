@@ -30,12 +30,12 @@ demo-dicom: install
 TEST_WORKERS ?= auto
 test: install
 	GX_ANALYTICS_ENABLED=false $(PY) -m pytest -n $(TEST_WORKERS) --maxprocesses 4 \
-	  --dist loadfile $(PYTEST_ARGS)
+	  --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # The quick loop while developing: no slow tests, no real servers.
 test-fast: install
 	GX_ANALYTICS_ENABLED=false $(PY) -m pytest -n $(TEST_WORKERS) --maxprocesses 4 \
-	  --dist loadfile -m "not slow and not integration" $(PYTEST_ARGS)
+	  --dist loadfile --no-loadscope-reorder -m "not slow and not integration" $(PYTEST_ARGS)
 
 # Benchmarks on the real images (set CXR_REAL_DATA); each prints its figures.
 bench: install

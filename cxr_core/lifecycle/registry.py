@@ -257,9 +257,24 @@ def _point_challenger(client: Any, name: str, version: str) -> None:
 
 def _newest_blessed(client: Any, name: str) -> int:
     """The highest version number of ``name`` whose gates passed (0 when none)."""
-    versions = client.search_model_versions(f"name='{name}'")
-    return max((int(mv.version) for mv in versions
-                if (mv.tags or {}).get(GATE_TAG) == "true"), default=0)
+    # The server filters and sorts: one row back however many versions the model has.
+    newest = client.search_model_versions(
+        f"name='{name}' and tag.`{GATE_TAG}` = 'true'", max_results=1,
+        order_by=["version_number DESC"])
+    return int(newest[0].version) if newest else 0
+
+
+def _all_versions(client: Any, name: str, page_size: int = 1000) -> list[Any]:
+    """Every version of ``name``, page by page (one search returns at most a page)."""
+    out: list[Any] = []
+    token = None
+    while True:
+        page = client.search_model_versions(f"name='{name}'", max_results=page_size,
+                                            page_token=token)
+        out.extend(page)
+        token = page.token
+        if not token:
+            return out
 
 
 def alias_version(client: Any, name: str, alias: str) -> Any | None:
@@ -299,7 +314,7 @@ def list_versions(client: Any, name: str) -> list[VersionInfo]:
     for alias, ver in (model.aliases or {}).items():
         aliases.setdefault(str(ver), []).append(alias)
     out = []
-    for mv in client.search_model_versions(f"name='{name}'"):
+    for mv in _all_versions(client, name):
         tags = mv.tags or {}
         out.append(VersionInfo(
             version=str(mv.version),

@@ -159,6 +159,23 @@ def test_two_processes_register_at_once(server, client, exp_id, model_dir, model
     assert client.get_model_version_by_alias(model_name, CHALLENGER).version in (2, "2")
 
 
+def test_newest_blessed_version_and_every_version_page_by_page(client, registrar,
+                                                               model_name) -> None:
+    """The server picks the newest passing version (a newer one without a passing gate tag
+    does not count); listing reads every page, not only the first."""
+    from cxr_core.lifecycle.registry import _all_versions, _newest_blessed
+
+    preds = registrar.predictions(registrar.hashes(0, 20))
+    blessed = [registrar.candidate(model_name, preds, with_model=False)[1] for _ in range(3)]
+    run_id, _ = registrar.candidate(model_name, preds, passed=False, with_model=False)
+    newer = client.create_model_version(model_name, f"runs:/{run_id}/model", run_id=run_id)
+    assert int(newer.version) == 4
+    assert _newest_blessed(client, model_name) == int(blessed[-1]) == 3
+    assert sorted(int(mv.version) for mv in _all_versions(client, model_name, page_size=3)) \
+        == [1, 2, 3, 4]
+    assert [v.version for v in list_versions(client, model_name)] == ["4", "3", "2", "1"]
+
+
 class _LateWriter:
     """A client through which an older registration writes its alias late: the newer
     registration runs to its end between the older one's first read and its write."""
