@@ -55,8 +55,9 @@ def deploy_cmd(
 
     from flows.drift import AUTOMATION_NAME, ensure_drift_automation
 
-    # The server for this command only: a settings context, not os.environ, which a process
-    # that already built Prefect's settings (a test run, an embedding app) would not re-read.
+    # The server for this command only, as a settings context: setting os.environ instead was
+    # not always read (after a Prefect test harness in the same process, deploy went to a
+    # throw-away temporary server), and it leaked into whatever the process ran next.
     try:
         with temporary_settings({PREFECT_API_URL: api}):
             ensure_work_pool(cpu_pool, "process")
