@@ -96,6 +96,9 @@ OPTIONS: dict[str, dict[str, Any]] = {
              "config": {}, "hp": {"blocks": 4, "convs_per_block": 2}},
     "residual": {"about": "residual: 4 blocks of 2 convs with shortcuts",
                  "config": {}, "hp": {"blocks": 4, "convs_per_block": 2, "residual": True}},
+    "equalize": {"about": "per-image histogram equalization in the model, instead of "
+                          "standardization (blind to monotone grey-level changes)",
+                 "config": {"train": {"intensity_norm": "equalize"}}},
     "long": {"about": "longer training: 30 epochs at most, patience 8",
              "config": {"train": {"epochs": 30, "early_stopping_patience": 8}}},
     # Shortcut mitigations (issue 12, part 2): layers in the model, or training-only markers.

@@ -207,7 +207,8 @@ class TrainConfig(_Section):
     mixed_precision: bool = False
     # Robust-training options (issue 6): per-image intensity normalization inside the model,
     # label smoothing, and mixup of training batches (Beta(alpha, alpha); 0 = off).
-    intensity_norm: Literal["none", "standardize"] = "none"
+    # "equalize": per-image histogram equalization (blind to any monotone grey-level change).
+    intensity_norm: Literal["none", "standardize", "equalize"] = "none"
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     mixup_alpha: float = Field(0.0, ge=0, le=2)
     # Platt scaling fitted on validation, folded into the output layer (cxr_core.training.calibrate).

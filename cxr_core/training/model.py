@@ -192,6 +192,61 @@ def standardize_per_image(x: Any, image_size: int) -> Any:
     return layers.Rescaling(math.sqrt(image_size * image_size), name="standardize")(unit)
 
 
+# Histogram equalization's grey-level bins: 32 over 0-255 (8 levels each). Each bin's step is
+# a sigmoid about as wide as the bin, so the mapping is smooth between the bin edges.
+EQUALIZE_LEVELS = 32
+
+
+def equalize_per_image(x: Any, levels: int = EQUALIZE_LEVELS) -> Any:
+    """Per-image histogram equalization in built-in layers: every pixel is replaced by its
+    rank among the image's pixels (the share darker than it, plus half the share as dark:
+    the mid-rank), then scaled to zero mean and unit standard deviation, as
+    :func:`standardize_per_image` does.
+
+    Standardization makes the model blind to linear exposure and contrast changes; this to
+    any monotone grey-level change as well (gamma, another detector's response curve), up to
+    the bins' resolution. The rank is a sum of soft steps: ``step_k(x)`` is about 1 where
+    ``x`` is past edge ``k`` (edge 0 lies below every grey level, so ``step_0`` is 1), and
+    with ``above_k`` the image's mean of ``step_k`` (``above_0 = 1``, ``above_n = 0``),
+
+        rank(x) = step_0(x) (above_0 - above_1) / 2
+                  + sum_{k >= 1} step_k(x) (above_{k-1} - above_{k+1}) / 2,
+
+    which for ``x`` between edges ``j`` and ``j + 1`` is ``1 - (above_j + above_{j+1}) / 2``:
+    the share of pixels below edge ``j`` plus half the share between the two. Fixed 1x1
+    convolutions (not trained; their weights are stored in the saved model) compute the steps
+    and the sums, so the saved model loads without cxr installed. Keras' ``Equalization``
+    layer is no substitute (see :func:`standardize_per_image`)."""
+    import numpy as np
+    from keras import layers
+
+    width = 255.0 / levels
+    edges = np.concatenate([[-1e4], (np.arange(levels) + 0.5) * width]).astype(np.float32)
+    n = len(edges)
+    # sigmoid((x - edge) / scale) goes from 0.12 to 0.88 across one bin.
+    scale = width / 4.0
+    steps_layer = layers.Conv2D(n, 1, activation="sigmoid", trainable=False,
+                                name="equalize_steps")
+    steps = steps_layer(x)
+    steps_layer.set_weights([np.full((1, 1, 1, n), 1.0 / scale, np.float32), -edges / scale])
+    above = layers.GlobalAveragePooling2D(keepdims=True, name="equalize_above")(steps)
+    # The steps' weights from the shares above each edge, a fixed linear map:
+    # kernel[i, k] is above_i's part in step k's weight.
+    weights_layer = layers.Conv2D(n, 1, use_bias=False, trainable=False,
+                                  name="equalize_step_weights")
+    step_weights = weights_layer(above)
+    kernel = 0.5 * (np.eye(n, k=1, dtype=np.float32) - np.eye(n, k=-1, dtype=np.float32))
+    kernel[0, 0] = 0.5
+    weights_layer.set_weights([kernel[None, None]])
+    weighted = layers.Multiply(name="equalize_weighted")([steps, step_weights])
+    sum_layer = layers.Conv2D(1, 1, use_bias=False, trainable=False, name="equalize_rank")
+    rank = sum_layer(weighted)
+    sum_layer.set_weights([np.ones((1, 1, n, 1), np.float32)])
+    # Ranks are about uniform on [0, 1]: mean 1/2, standard deviation 1/sqrt(12).
+    sd = 1.0 / np.sqrt(12.0)
+    return layers.Rescaling(1.0 / sd, offset=-0.5 / sd, name="equalize")(rank)
+
+
 def build_cnn(
     image_size: int,
     blocks: int = 3,
@@ -236,6 +291,8 @@ def build_cnn(
         x = layer(x)
     if intensity_norm == "standardize":
         x = standardize_per_image(x, image_size)
+    elif intensity_norm == "equalize":
+        x = equalize_per_image(x)
     elif intensity_norm == "none":
         x = layers.Rescaling(1.0 / 255, dtype=policy)(x)
     else:

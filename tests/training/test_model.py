@@ -55,6 +55,43 @@ def test_standardization_makes_the_model_blind_to_exposure_and_contrast(tmp_path
     assert np.allclose(loaded.predict(x, verbose=0), base, atol=1e-5)
 
 
+def test_equalization_makes_the_model_blind_to_a_monotone_grey_level_change(tmp_path) -> None:
+    import keras
+
+    from cxr_core.training.model import build_cnn
+
+    rng = np.random.default_rng(1)
+    # Smooth images (a gradient plus noise), so grey levels spread as in an X-ray.
+    ramp = np.linspace(30, 220, 48, dtype=np.float32)[None, :, None, None]
+    x = np.clip(ramp + rng.normal(0, 25, (4, 48, 48, 1)), 0, 255).astype(np.float32)
+    # Another detector's response: a gamma curve, which no linear change reproduces.
+    curved = 255.0 * (x / 255.0) ** 0.5
+    model = build_cnn(48, blocks=2, base_filters=8, intensity_norm="equalize", seed=3)
+    equalized = keras.Model(model.input, model.get_layer("equalize").output)
+    z, z_curved = equalized.predict(x, verbose=0), equalized.predict(curved, verbose=0)
+    # About uniform whatever the input's histogram: zero mean, unit standard deviation.
+    assert np.allclose(z.mean(axis=(1, 2, 3)), 0, atol=0.01)
+    assert np.allclose(z.std(axis=(1, 2, 3)), 1, atol=0.02)
+    # Each pixel lands at its rank: the empirical CDF, to within the bins' resolution.
+    ranks = (x.reshape(4, -1).argsort(axis=1).argsort(axis=1) + 0.5) / x[0].size
+    uniform = (ranks - 0.5) * np.sqrt(12.0)
+    assert np.abs(z.reshape(4, -1) - uniform).mean() < 0.03
+    assert np.abs(z_curved - z).mean() < 0.03
+    # Standardization, blind to linear changes only, moves far more under the same curve.
+    std_model = build_cnn(48, blocks=2, base_filters=8, intensity_norm="standardize", seed=3)
+    standardized = keras.Model(std_model.input, std_model.get_layer("standardize").output)
+    s, s_curved = standardized.predict(x, verbose=0), standardized.predict(curved, verbose=0)
+    assert np.abs(s_curved - s).mean() > 10 * np.abs(z_curved - z).mean()
+    # The fixed weights are not trained, and survive saving: built-in layers only.
+    assert not any("equalize" in w.path for w in model.trainable_weights)
+    model.fit(x, np.array([0, 1, 0, 1.0]), epochs=1, verbose=0)
+    assert np.allclose(equalized.predict(x, verbose=0), z, atol=1e-6)
+    base = model.predict(x, verbose=0)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    assert np.allclose(loaded.predict(x, verbose=0), base, atol=1e-5)
+
+
 def test_label_smoothing_and_unknown_normalization() -> None:
 
     from cxr_core.training.model import build_cnn
