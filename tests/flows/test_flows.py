@@ -636,3 +636,25 @@ def test_prefect_deploy_all_and_cxr_deploy_register_the_same_set(harness, tmp_pa
     retrain = second["retrain/scheduled"]
     assert len(retrain.schedules) == 1 and retrain.global_concurrency_limit.limit == 1
     assert retrain.parameters["data_dir"] == str(tmp_path)  # cxr deploy updated it in place
+
+
+def test_cxr_deploy_goes_to_the_server_it_is_given_not_the_active_one(harness, tmp_path) -> None:
+    """`cxr deploy` in a process where a Prefect server is already active (here the test
+    harness's settings context): CXR_PREFECT_API_URL names a dead server, so the command
+    must fail naming it, not deploy to the active one. It once set os.environ instead of a
+    settings context, which the active context overrode: exit 0, deployed elsewhere."""
+    from prefect.client.orchestration import get_client
+    from typer.testing import CliRunner
+
+    def deployment_ids() -> set[str]:
+        with get_client(sync_client=True) as client:
+            return {str(d.id) for d in client.read_deployments()}
+
+    before = deployment_ids()
+    dead = f"http://127.0.0.1:{free_port()}/api"
+    res = CliRunner().invoke(app, ["deploy", "--data-dir", str(tmp_path)],
+                             env={"CXR_PREFECT_API_URL": dead, "PREFECT_API_URL": None,
+                                  "CXR_HOME": str(tmp_path / "home")})
+    assert res.exit_code == 2, res.output
+    assert dead in res.output and "did not answer" in res.output
+    assert deployment_ids() == before  # nothing landed on the harness's server
