@@ -131,6 +131,8 @@ OPTIONS: dict[str, dict[str, Any]] = {
     # Variations of the round, composed with pseudo-label (one change each).
     "pl-rounds2": {"about": "two pseudo-label rounds (relabelled by the adapted model)",
                    "config": {"train": {"pseudo_label": {"rounds": 2}}}},
+    "pl-rounds3": {"about": "three pseudo-label rounds (each relabelled by the last round's model)",
+                   "config": {"train": {"pseudo_label": {"rounds": 3}}}},
     "pl-share80": {"about": "pseudo-labels on 80% of each predicted class (not 50%)",
                    "config": {"train": {"pseudo_label": {"share": 0.8}}}},
     "pl-weight50": {"about": "pseudo-labelled images half of each round's epoch (not 25%)",
