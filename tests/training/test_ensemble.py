@@ -65,6 +65,37 @@ def test_tta_calibration_and_grad_cam_work_on_an_ensemble(tmp_path) -> None:
     assert cams.shape == (4, SIZE, SIZE) and np.isfinite(cams).all() and cams.max() > 0
 
 
+def test_an_ensemble_of_equalizing_members_with_tta_and_calibration_reloads(tmp_path) -> None:
+    """The heaviest saved model the options build (equalization inside each member, the
+    ensemble, TTA and Platt scaling around it) loads without cxr code, output unchanged."""
+    import keras
+
+    from cxr_core.training.calibrate import PlattScaling, fold_into_model
+    from cxr_core.training.tta import unwrap, with_tta
+
+    x = np.random.default_rng(3).uniform(0, 255, (4, SIZE, SIZE, 1)).astype(np.float32)
+    members = [build_cnn(SIZE, blocks=1, base_filters=4, dense_units=0, seed=k,
+                         intensity_norm="equalize") for k in range(2)]
+    for m in members:
+        spread_outputs(m, x)
+    wrapped = with_tta(ensemble_model(members, SIZE), SIZE)
+    fold_into_model(wrapped, PlattScaling(1.5, 0.25))
+    got = wrapped.predict(x, verbose=0).ravel()
+    wrapped.save(tmp_path / "m.keras")
+    again = keras.saving.load_model(tmp_path / "m.keras")
+    np.testing.assert_allclose(again.predict(x, verbose=0).ravel(), got, rtol=1e-5, atol=1e-6)
+    # Each member still equalizes: its fixed rank layer came back with the model.
+    def ranks(model) -> list:
+        found = [layer for layer in model.layers if layer.name == "equalize_rank"]
+        for layer in model.layers:
+            if isinstance(layer, keras.Model):
+                found += ranks(layer)
+        return found
+
+    assert unwrap(again).name == "member0"
+    assert len(ranks(again)) == 2 and not any(layer.trainable for layer in ranks(again))
+
+
 @pytest.mark.slow
 def test_final_training_of_an_ensemble_saves_one_model_of_its_members(tmp_path: Path) -> None:
     from cxr_core.config import ExperimentConfig, deep_merge, load_config
