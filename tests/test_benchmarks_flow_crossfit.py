@@ -114,3 +114,18 @@ def test_site_thresholds_come_from_the_flow_and_the_swapped_part(tmp_path: Path)
     assert ((decided["probability"] >= 0.5) == (decided["probability_raw"] >= 0.55)).all()
     decided = second.merge(part0, on="path", suffixes=("", "_raw"))
     assert ((decided["probability"] >= 0.5) == (decided["probability_raw"] >= t)).all()
+
+
+def test_results_name_the_processor_family_and_model(tmp_path: Path) -> None:
+    """Rows from different hosts behind one VM name ("AMD EPYC") must be told apart."""
+    import json
+
+    _load_script()  # imports _common, the stamp every benchmark writes
+    common = sys.modules["_common"]
+    out = tmp_path / "r.json"
+    common.write_results(out, "probe", {"x": 1}, ["--seed", "1"])
+    stamped = json.loads(out.read_text())
+    assert stamped["x"] == 1 and stamped["command"].endswith("--seed 1")
+    info = common._cpuinfo()
+    if "cpu family" in info:  # Linux
+        assert f"(family {info['cpu family']}, model {info['model']})" in stamped["machine"]
