@@ -69,10 +69,27 @@ def configure_tensorflow(intra_op_threads: int = 0, inter_op_threads: int = 0,
 
 
 def split_rows(manifest: pd.DataFrame, split: str) -> pd.DataFrame:
-    """Readable, labelled manifest rows of one split, in a stable (path) order."""
+    """Readable, labelled manifest rows of one split, in an order that does not depend on
+    where the files lie: augmented variants first, then the data folder's images, each by
+    its path relative to its own folder.
+
+    The order is what a seeded shuffle permutes, so it decides the batches and the model.
+    It used to be the absolute path's, which put the variants (under the run's state
+    folder) before or after the source images (under the data folder) depending on how the
+    two folders' names sorted: the same seed and data trained different models from
+    ``/tmp/a`` and ``/work/x``. Variants first is what that order gave whenever the state
+    folder's path sorted before the data folder's, as in the documented benchmarks."""
+    from cxr_core.data.balance import AUGMENTED_ORIGIN
+
     rows = manifest[(manifest["split"] == split) & manifest["readable"].astype(bool)
                     & manifest["label"].isin(LABELS)]
-    return rows.sort_values("path").reset_index(drop=True)
+    key = pd.DataFrame({
+        "source_first": (rows["split_origin"] != AUGMENTED_ORIGIN).to_numpy(),
+        "relpath": rows["relpath"].fillna(rows["path"]).astype(str).to_numpy(),
+        "path": rows["path"].astype(str).to_numpy(),  # a tie-break only: relpaths are unique
+    })
+    order = key.sort_values(["source_first", "relpath", "path"], kind="stable").index
+    return rows.iloc[order.to_numpy()].reset_index(drop=True)
 
 
 def split_data(manifest: pd.DataFrame, split: str) -> SplitData:

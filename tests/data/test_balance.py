@@ -396,3 +396,27 @@ def test_class_weights_formula() -> None:
         class_weights({"NORMAL": 0, "PNEUMONIA": 5})
     with pytest.raises(ValueError, match="COVID"):
         class_weights({"NORMAL": 3, "PNEUMONIA": 5, "COVID": 1})
+
+
+def test_the_training_order_does_not_depend_on_where_the_state_folder_lies(
+        tmp_path: Path, imbalanced) -> None:
+    """The seeded shuffle permutes this order, so it decides the batches: the same data
+    and seed balanced into a state folder whose path sorts before the data folder's
+    (``a-state``) or after it (``z-state``) must give the same sequence of images."""
+    from cxr_core.config import ExperimentConfig
+    from cxr_core.data.balance import balance_train_split
+    from cxr_core.data.inputs import split_data, split_rows
+
+    root, manifest = imbalanced
+    assert "a-state" < root.name < "z-state"
+    cfg = ExperimentConfig()  # offline balancing, the default
+    orders, labels = [], []
+    for state in ("a-state", "z-state"):
+        balanced = balance_train_split(manifest, cfg, tmp_path / state).manifest
+        rows = split_rows(balanced, "train")
+        orders.append(list(zip(rows["split_origin"], rows["relpath"])))
+        labels.append(split_data(balanced, "train").labels.tolist())
+    assert orders[0] == orders[1] and labels[0] == labels[1]
+    # Variants first (what the absolute-path order gave when the state folder sorted first).
+    origins = [origin for origin, _ in orders[0]]
+    assert origins[:8] == ["augmented"] * 8 and "augmented" not in origins[8:]
