@@ -36,11 +36,10 @@ from scipy import ndimage
 
 from cxr_core.config import AugmentConfig, ExperimentConfig
 from cxr_core.data.inputs import split_data
-from cxr_core.data.labels import LABELS
+from cxr_core.data.labels import AUGMENTED_ORIGIN, LABELS
 from cxr_core.data.manifest import MANIFEST_COLUMNS, _inspect_all
 from cxr_core.data.parallel import pool_context
 
-AUGMENTED_ORIGIN = "augmented"   # split_origin of the manifest rows of written variants
 AUG_SUFFIX = "__aug"             # output name: <source stem>__aug<variant_index>.png
 
 

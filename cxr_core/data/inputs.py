@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from cxr_core.config import ExperimentConfig
-from cxr_core.data.labels import LABELS, POSITIVE
+from cxr_core.data.labels import AUGMENTED_ORIGIN, LABELS, POSITIVE
 from cxr_core.errors import DataValidationError
 
 # Formats TensorFlow decodes natively; others (TIFF) are refused before training starts.
@@ -79,8 +79,6 @@ def split_rows(manifest: pd.DataFrame, split: str) -> pd.DataFrame:
     two folders' names sorted: the same seed and data trained different models from
     ``/tmp/a`` and ``/work/x``. Variants first is what that order gave whenever the state
     folder's path sorted before the data folder's, as in the documented benchmarks."""
-    from cxr_core.data.balance import AUGMENTED_ORIGIN
-
     rows = manifest[(manifest["split"] == split) & manifest["readable"].astype(bool)
                     & manifest["label"].isin(LABELS)]
     key = pd.DataFrame({
