@@ -81,10 +81,14 @@ def split_rows(manifest: pd.DataFrame, split: str) -> pd.DataFrame:
     folder's path sorted before the data folder's, as in the documented benchmarks."""
     rows = manifest[(manifest["split"] == split) & manifest["readable"].astype(bool)
                     & manifest["label"].isin(LABELS)]
+    paths = rows["path"].astype(str)
+    # A partial manifest (no origin or relative path: e.g. a drift reference's) sorts by path.
+    origin = rows["split_origin"] if "split_origin" in rows else pd.Series("", index=rows.index)
+    relpath = rows["relpath"].fillna(paths) if "relpath" in rows else paths
     key = pd.DataFrame({
-        "source_first": (rows["split_origin"] != AUGMENTED_ORIGIN).to_numpy(),
-        "relpath": rows["relpath"].fillna(rows["path"]).astype(str).to_numpy(),
-        "path": rows["path"].astype(str).to_numpy(),  # a tie-break only: relpaths are unique
+        "source_first": (origin != AUGMENTED_ORIGIN).to_numpy(),
+        "relpath": relpath.astype(str).to_numpy(),
+        "path": paths.to_numpy(),  # a tie-break only: relpaths are unique
     })
     order = key.sort_values(["source_first", "relpath", "path"], kind="stable").index
     return rows.iloc[order.to_numpy()].reset_index(drop=True)
